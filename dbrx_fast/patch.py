@@ -1,0 +1,201 @@
+"""patch / unpatch / is_patched: swap dbrx-fast's modules into one DbrxForCausalLM or DbrxModel instance, in place.
+
+Only the classes of this instance's submodules change (never a class in transformers for everyone), so every
+Parameter object, buffer, hook and state_dict key stays as it was. Everything is checked and planned before anything
+is changed: a patch that raises leaves the model untouched. `unpatch` restores the recorded classes and buffers.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers.models.dbrx.modeling_dbrx import (
+    DbrxAttention,
+    DbrxFFN,
+    DbrxForCausalLM,
+    DbrxModel,
+    DbrxRotaryEmbedding,
+)
+
+from .backend import BACKENDS
+from .modules import FastDbrxAttention, FastDbrxFFN, FastLayerNorm, FastRotaryEmbedding
+
+# DBRX is computed wrongly by transformers before 5.15.
+MIN_TRANSFORMERS = Version("5.15")
+MAX_HEAD_DIM = 256
+_RECORD = "_dbrx_fast_patch"
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    attention: bool
+    moe: bool
+    rope: bool
+    norm: bool
+    backend: str
+    fix_rope_theta: bool
+
+
+@dataclass
+class _PatchRecord:
+    options: PatchOptions
+    swapped: list  # (module, its original class)
+    rotary_inv_freq: tuple | None  # (rotary module, inv_freq, original_inv_freq) before the rope_theta fix
+
+
+def patch(
+    model: nn.Module,
+    *,
+    attention: bool = True,
+    moe: bool = True,
+    rope: bool = True,
+    norm: bool = True,
+    backend: str = "auto",
+    fix_rope_theta: bool = True,
+) -> nn.Module:
+    """Swap dbrx-fast's modules into `model` (a DbrxForCausalLM or DbrxModel) in place and return it.
+
+    attention: patch the attention modules (fused qkv clip and split, RoPE in fp32); the attention core stays the
+        model's `attn_implementation` until dbrx-fast's attention kernels land.
+    rope: inside the patched attention, rotate q and k with the Triton RoPE kernel (else in eager fp32).
+    moe: fused routing and grouped GLU experts in place of the stock loop over experts.
+    norm: the bias-free LayerNorms (norm_1, norm_2, norm_f).
+    backend: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" (the eager reference path, any device) or
+        "auto" (triton on CUDA, torch elsewhere), chosen per call from the input's device.
+    fix_rope_theta: transformers 5.x ignores `attn_config.rope_theta` (DBRX checkpoints say 500000; the model uses
+        `rope_parameters`, 10000 by default). When they disagree, warn and give the model's rotary embedding the
+        checkpoint's theta, for the patched and the stock paths alike; unpatch restores it.
+    Patching again with the same options does nothing; with other options it re-patches.
+    """
+    if Version(transformers.__version__).release < MIN_TRANSFORMERS.release:
+        raise RuntimeError(
+            f"dbrx_fast needs transformers >= {MIN_TRANSFORMERS} (DBRX is computed wrongly before it); "
+            f"found {transformers.__version__}."
+        )
+    if not isinstance(model, (DbrxForCausalLM, DbrxModel)):
+        raise TypeError(f"dbrx_fast.patch expects a DbrxForCausalLM or DbrxModel, got {type(model).__name__}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    options = PatchOptions(attention, moe, rope, norm, backend, fix_rope_theta)
+    record = vars(model).get(_RECORD)
+    if record is not None:
+        if record.options == options:
+            return model
+        unpatch(model)
+
+    decoder = model.transformer if isinstance(model, DbrxForCausalLM) else model
+    swaps = _plan_swaps(decoder, options)
+    new_inv_freq = _corrected_inv_freq(decoder) if fix_rope_theta else None
+
+    rotary = decoder.rotary_emb
+    saved_inv_freq = None
+    if new_inv_freq is not None:
+        saved_inv_freq = (rotary, rotary.inv_freq, rotary.original_inv_freq)
+        rotary.inv_freq = new_inv_freq
+        rotary.original_inv_freq = new_inv_freq.clone()
+    swapped = []
+    for module, fast_class in swaps:
+        swapped.append((module, type(module)))
+        module.__class__ = fast_class
+        module.dbrx_fast_options = options
+    setattr(model, _RECORD, _PatchRecord(options, swapped, saved_inv_freq))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the modules and rotary buffers `patch` changed; a model that is not patched is returned as is."""
+    record = vars(model).pop(_RECORD, None)
+    if record is None:
+        return model
+    for module, original_class in record.swapped:
+        module.__class__ = original_class
+        del module.dbrx_fast_options
+    if record.rotary_inv_freq is not None:
+        rotary, inv_freq, original_inv_freq = record.rotary_inv_freq
+        device = rotary.inv_freq.device  # the model may have moved since it was patched
+        rotary.inv_freq = inv_freq.to(device)
+        rotary.original_inv_freq = original_inv_freq.to(device)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _RECORD in vars(model)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"dbrx_fast: {message}", stacklevel=3)
+
+
+def _plan_swaps(decoder: DbrxModel, options: PatchOptions) -> list:
+    """(module, fast class) pairs for every module this instance can have swapped; warns about the ones it can't."""
+    blocks = list(decoder.blocks)
+    swaps = []
+    if options.norm:
+        norms = [n for b in blocks for n in (b.norm_attn_norm.norm_1, b.norm_attn_norm.norm_2)] + [decoder.norm_f]
+        for norm in norms:
+            if type(norm) is nn.LayerNorm and norm.bias is None and len(norm.normalized_shape) == 1:
+                swaps.append((norm, FastLayerNorm))
+            else:
+                _warn(f"left a {type(norm).__name__} stock: not a plain bias-free nn.LayerNorm.")
+    if options.attention:
+        reason = _attention_unsupported(decoder)
+        if reason:
+            _warn(f"attention left stock: {reason}.")
+        else:
+            swaps.append((decoder.rotary_emb, FastRotaryEmbedding))
+            swaps.extend((b.norm_attn_norm.attn, FastDbrxAttention) for b in blocks)
+    if options.moe:
+        activation = decoder.config.ffn_config.ffn_act_fn.get("name", "silu")
+        for block in blocks:
+            ffn = block.ffn
+            if type(ffn) is DbrxFFN and activation in ("silu", "swish"):
+                swaps.append((ffn, FastDbrxFFN))
+            else:
+                _warn(
+                    f"MoE left stock: needs a stock DbrxFFN with SiLU experts, got "
+                    f"{type(ffn).__name__} with {activation!r}."
+                )
+    return swaps
+
+
+def _attention_unsupported(decoder: DbrxModel) -> str | None:
+    config = decoder.config
+    head_dim = config.d_model // config.n_heads
+    if head_dim > MAX_HEAD_DIM or head_dim < 2 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two between 2 and {MAX_HEAD_DIM}"
+    if type(decoder.rotary_emb) is not DbrxRotaryEmbedding or decoder.rotary_emb.rope_type != "default":
+        return f"rotary embedding {decoder.rotary_emb.rope_type!r} is not the default RoPE"
+    attentions = [b.norm_attn_norm.attn for b in decoder.blocks]
+    odd = [type(a).__name__ for a in attentions if type(a) is not DbrxAttention]
+    if odd:
+        return f"attention modules of other classes ({', '.join(sorted(set(odd)))})"
+    return None
+
+
+def _corrected_inv_freq(decoder: DbrxModel) -> torch.Tensor | None:
+    """The rotary inverse frequencies for the checkpoint's `attn_config.rope_theta`, or None if nothing to fix."""
+    config = decoder.config
+    checkpoint_theta = getattr(config.attn_config, "rope_theta", None)
+    used_theta = (config.rope_parameters or {}).get("rope_theta")
+    if checkpoint_theta is None or used_theta is None or math.isclose(checkpoint_theta, used_theta):
+        return None
+    rotary = decoder.rotary_emb
+    if rotary.rope_type != "default":
+        _warn(
+            f"attn_config.rope_theta={checkpoint_theta} but the model uses {used_theta} with "
+            f"{rotary.rope_type!r} RoPE, which dbrx_fast cannot correct; left as it is."
+        )
+        return None
+    _warn(
+        f"the checkpoint's attn_config.rope_theta is {checkpoint_theta} but transformers uses "
+        f"rope_parameters['rope_theta']={used_theta}; the rotary embedding now uses {checkpoint_theta} "
+        "(patch(..., fix_rope_theta=False) keeps transformers' value)."
+    )
+    head_dim = config.d_model // config.n_heads
+    # Transformers' own formula, on the CPU as it computes it, then moved to where the buffer lives.
+    inv_freq = 1.0 / (checkpoint_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq.to(rotary.inv_freq.device)
