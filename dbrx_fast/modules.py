@@ -19,6 +19,7 @@ from transformers.models.dbrx.modeling_dbrx import (
 
 from . import reference
 from .backend import choose_path
+from .moe_torch import moe_experts_grouped
 
 
 class FastLayerNorm(nn.LayerNorm):
@@ -127,8 +128,6 @@ class FastDbrxFFN(DbrxFFN):
             routing = route(router_logits, self.top_k, self.moe_normalize_expert_weights)
             out = moe_experts(tokens, mlp.w1, mlp.v1, mlp.w2, routing, num_experts)
         else:
-            from .moe_torch import moe_experts_grouped  # TODO(lead): top-level import once moe_torch lands
-
             weights, expert_ids = reference.route(router_logits, self.top_k, self.moe_normalize_expert_weights)
             out = moe_experts_grouped(tokens, mlp.w1, mlp.v1, mlp.w2, weights, expert_ids, num_experts)
         return out.view(hidden_states.shape[0], -1, hidden_states.shape[-1])
