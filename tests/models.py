@@ -16,6 +16,7 @@ def tiny_config(
     layers: int = 2,
     rope_theta: float = 10000.0,
     moe_jitter_eps: float | None = None,
+    ffn_hidden: int = 24,
     **overrides,
 ) -> DbrxConfig:
     return DbrxConfig(
@@ -30,7 +31,7 @@ def tiny_config(
         # rope_parameters["rope_theta"] (10000 unless given): patch() reconciles them.
         attn_config={"kv_n_heads": kv_n_heads, "clip_qkv": clip_qkv, "rope_theta": rope_theta},
         ffn_config={
-            "ffn_hidden_size": 24,
+            "ffn_hidden_size": ffn_hidden,
             "moe_num_experts": experts,
             "moe_top_k": top_k,
             "moe_normalize_expert_weights": normalize,

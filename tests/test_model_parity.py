@@ -115,3 +115,15 @@ def test_router_jitter_in_training_keeps_stock_semantics(backend):
     torch.testing.assert_close(out.logits, base.logits, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, base_grads[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_attentions_and_hidden_states_match_stock(backend):
+    patched, stock, _ = three_models(CONFIGS["gqa2-e4k2-clipbig-p1"], backend)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        out = patched(ids, output_attentions=True, output_hidden_states=True)
+        base = stock(ids, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == len(base.attentions) == patched.config.n_layers
+    for ours, theirs in zip(out.attentions + out.hidden_states, base.attentions + base.hidden_states, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
