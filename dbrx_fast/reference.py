@@ -52,15 +52,21 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return rotate(q), rotate(k)
 
 
-def route(router_logits: torch.Tensor, top_k: int, normalize_p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    router_logits: torch.Tensor, top_k: int, normalize_p: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DBRX routing: softmax over experts in float32, top-k, then division by the p-norm of the chosen weights.
 
-    Returns (weights [T, k] in float32 or float64, expert indices [T, k] int64). Ties go to the lower expert index,
-    as torch.topk resolves them. Stock transformers takes the softmax in the logits' dtype, so in bf16 it can choose
-    other experts than this does.
+    Returns (weights [T, k] in float32 or float64, expert indices [T, k] int64). Experts are ranked by logit (the
+    order of the probabilities, as softmax is monotone, but immune to exp rounding to equal or zero probabilities),
+    and equal logits go to the lower expert index. torch.topk does not define its tie order (CPU and CUDA differ), so
+    this rule is ours. Stock transformers takes the softmax in the logits' dtype, so in bf16 it can choose other
+    experts than this does.
     """
-    probs = torch.softmax(router_logits.to(compute_dtype(router_logits)), dim=-1)
-    weights, indices = torch.topk(probs, top_k, dim=-1)
+    logits = router_logits.to(compute_dtype(router_logits))
+    probs = torch.softmax(logits, dim=-1)
+    indices = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = probs.gather(-1, indices)
     if normalize_p is not None:
         weights = weights / torch.norm(weights, p=normalize_p, dim=-1, keepdim=True)
     return weights, indices

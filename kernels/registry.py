@@ -2,7 +2,7 @@
 
 import importlib
 
-KERNEL_MODULES = ("rope", "layernorm")
+KERNEL_MODULES = ("rope", "layernorm", "moe_routing")
 
 
 def all_compile_specs():
