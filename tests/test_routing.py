@@ -9,10 +9,10 @@ would tie every expert whose probability underflows to 0.
 import pytest
 import torch
 from accuracy import assert_accurate, poison_
-from dbrx_fast.kernels import moe_routing
-from dbrx_fast.kernels.moe_routing import Routing, route_bwd
 
 from dbrx_fast import reference
+from dbrx_fast.kernels import moe_routing
+from dbrx_fast.kernels.moe_routing import Routing, route_bwd
 from dbrx_fast.ops.routing import route
 
 pytestmark = pytest.mark.interpreter

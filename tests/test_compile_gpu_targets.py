@@ -1,0 +1,330 @@
+"""Every kernel launch the library can make compiles for sm_80 and sm_90, without a GPU: no compile error, no register
+spills, shared memory within the architecture's limit, and `wgmma` in the sm_90 PTX of tl.dot kernels.
+
+The checker is checked too: toy kernels defined here that spill, overflow shared memory, miss wgmma or do not compile
+must fail it, and the `python -m dbrx_fast.inspect` exit status must say so.
+
+conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA, and kernels imported under it are InterpretedFunctions
+that `triton.compile` rejects (measured: AttributeError, no `cache_key`). So `inspect_specs` compiles in one
+subprocess without the variable (a few seconds to start, once per fixture), and in-process where a GPU is present.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import dbrx_fast.inspect as dbrx_inspect
+from dbrx_fast.inspect import (
+    SHARED_MEMORY_LIMIT,
+    CompileRecord,
+    compile_spec,
+    count_ptx_instructions,
+    inspect_specs,
+    load_specs,
+    ptxas_path,
+    select_specs,
+)
+from dbrx_fast.kernels.compile_spec import CompileSpec
+from dbrx_fast.kernels.registry import all_compile_specs
+
+ARCHS = (80, 90)
+TOYS = f"{__file__}:toy_specs"
+
+
+def pytest_generate_tests(metafunc):
+    # Here rather than at import: the compile subprocess imports this file for its toy specs and must not need the
+    # registry to load.
+    if "registry_case" in metafunc.fixturenames:
+        try:
+            names = [spec.name for spec in all_compile_specs()]
+        except Exception:  # test_registry_loads reports it; here it only leaves no cases to generate
+            names = []
+        cases = [(name, arch) for name in dict.fromkeys(names) for arch in ARCHS]
+        metafunc.parametrize("registry_case", cases, ids=[f"{name} sm_{arch}" for name, arch in cases])
+
+
+@pytest.fixture(scope="module")
+def registry_records() -> dict:
+    return {(r.name, r.arch): r for r in inspect_specs(ARCHS)}
+
+
+def test_registry_loads():
+    specs = all_compile_specs()
+    assert specs, "the registry lists no compile specs"
+    select_specs(specs)  # raises on repeated names, which would make two launches share one test id
+    for spec in specs:
+        assert isinstance(spec, CompileSpec), f"{spec!r} is not a CompileSpec"
+
+
+def test_compiles_for_gpu(registry_records, registry_case):
+    record = registry_records[registry_case]
+    assert not record.problems, "\n".join(record.problems)
+    assert record.regs > 0 and record.instrs > 0, record
+
+
+# ---- toy kernels for the self-test: each one trips one check, or none ----
+
+
+@triton.jit
+def _toy_scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, (2.0 * x).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _toy_normalize_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    # The whole row stays live across the reduction: 8192 values on one warp is 256 per thread, past 255 registers.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0))
+    tl.store(y_ptr + offs, (x * rstd).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _toy_transpose_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    # The transpose goes through shared memory: BLOCK * BLOCK * 4 bytes, 256 KiB at BLOCK=256.
+    r = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], tl.trans(x))
+
+
+@triton.jit
+def _toy_matmul_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_a_m,
+    stride_a_k,
+    stride_b_k,
+    stride_b_n,
+    stride_c_m,
+    stride_c_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(
+            a_ptr + rm[:, None] * stride_a_m + kk[None, :] * stride_a_k,
+            mask=(rm[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + kk[:, None] * stride_b_k + rn[None, :] * stride_b_n,
+            mask=(kk[:, None] < K) & (rn[None, :] < N),
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None] * stride_c_m + rn[None, :] * stride_c_n, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_ELEMENTWISE = {"x_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32"}
+_MATMUL = {
+    "a_ptr": "*bf16",
+    "b_ptr": "*bf16",
+    "c_ptr": "*bf16",
+    **dict.fromkeys("M N K stride_a_m stride_a_k stride_b_k stride_b_n stride_c_m stride_c_n".split(), "i32"),
+}
+
+
+def toy_specs() -> list[CompileSpec]:
+    """Toy launches, each named for the check it should trip ("clean" ones trip none)."""
+    return [
+        CompileSpec("toy clean scale", _toy_scale_kernel, _ELEMENTWISE, {"BLOCK": 1024}),
+        CompileSpec("toy spill normalize", _toy_normalize_kernel, _ELEMENTWISE, {"BLOCK": 8192}, num_warps=1),
+        CompileSpec("toy clean transpose", _toy_transpose_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"}, {"BLOCK": 64}),
+        CompileSpec(
+            "toy smem transpose",
+            _toy_transpose_kernel,
+            {"x_ptr": "*fp32", "y_ptr": "*fp32"},
+            {"BLOCK": 256},
+            num_warps=32,
+        ),
+        CompileSpec(
+            "toy clean matmul", _toy_matmul_kernel, _MATMUL, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, matrix=True
+        ),
+        # An M-tile of 16 is below wgmma's 64 rows: Triton falls back to mma.sync, fine on sm_80, slow on sm_90.
+        CompileSpec(
+            "toy nowgmma matmul",
+            _toy_matmul_kernel,
+            _MATMUL,
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32},
+            matrix=True,
+        ),
+        # tl.arange needs a power-of-two length: the stand-in for any kernel the compiler rejects.
+        CompileSpec("toy error arange", _toy_scale_kernel, _ELEMENTWISE, {"BLOCK": 100}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m dbrx_fast.inspect` on the toys, end to end: its output, and its JSON records by (name, arch)."""
+    out = tmp_path_factory.mktemp("inspect") / "records.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # one process, not a nested one
+    cmd = [sys.executable, "-m", "dbrx_fast.inspect", "--specs", TOYS, "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), proc.stdout + proc.stderr
+    records = [CompileRecord(**fields) for fields in json.loads(out.read_text())]
+    return proc, {(r.name, r.arch): r for r in records}
+
+
+@pytest.fixture(scope="module")
+def toy_records(toy_run) -> dict:
+    return toy_run[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checker_passes_clean_toys(toy_records, arch):
+    for name in ("toy clean scale", "toy clean transpose", "toy clean matmul"):
+        record = toy_records[(name, arch)]
+        assert record.problems == [], (name, record.problems)
+        assert record.regs > 0 and record.spills == 0 and record.instrs > 0, record
+    assert toy_records[("toy clean transpose", arch)].smem >= 64 * 64 * 4
+    assert toy_records[("toy clean matmul", arch)].wgmma is (arch >= 90)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checker_fails_on_spills(toy_records, arch):
+    record = toy_records[("toy spill normalize", arch)]
+    assert record.error is None and record.spills > 0, record
+    assert any("spills" in p for p in record.problems), record.problems
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checker_fails_on_shared_memory_overflow(toy_records, arch):
+    record = toy_records[("toy smem transpose", arch)]
+    assert record.error is None and record.spills == 0, record
+    assert record.smem == 256 * 256 * 4 > SHARED_MEMORY_LIMIT[arch]
+    assert [p for p in record.problems if "shared memory" in p], record.problems
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checker_wants_wgmma_on_sm90_only(toy_records, arch):
+    record = toy_records[("toy nowgmma matmul", arch)]
+    assert record.error is None and record.wgmma is False, record
+    if arch >= 90:
+        assert any("wgmma" in p for p in record.problems), record.problems
+    else:
+        assert record.problems == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checker_fails_on_compile_error(toy_records, arch):
+    record = toy_records[("toy error arange", arch)]
+    assert record.error and "arange" in record.error, record
+    assert record.problems[0].startswith("does not compile"), record.problems
+
+
+def test_bad_specs_give_clear_errors():
+    interpreted = CompileSpec("interpreted", InterpretedFunction(_toy_scale_kernel.fn), _ELEMENTWISE, {"BLOCK": 64})
+    assert "TRITON_INTERPRET" in compile_spec(interpreted, 80).error
+    tuned = triton.autotune([triton.Config({"BLOCK": 64})], key=["n"])(_toy_scale_kernel)
+    assert "autotuner's .fn" in compile_spec(CompileSpec("tuned", tuned, _ELEMENTWISE), 80).error
+    jit = JITFunction(_toy_scale_kernel.fn)  # a real one even under the interpreter: the spec checks come first
+    missing = CompileSpec("missing", jit, {"x_ptr": "*bf16", "n": "i32"}, {"BLOCK": 64})
+    assert "'y_ptr' has neither a type" in compile_spec(missing, 80).error
+    unknown = CompileSpec("unknown", jit, {**_ELEMENTWISE, "z_ptr": "*bf16"}, {"BLOCK": 64})
+    assert "['z_ptr']" in compile_spec(unknown, 80).error
+    with pytest.raises(ValueError, match="unique"):
+        select_specs(toy_specs() + toy_specs()[:1])
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        load_specs("no_colon_here")
+    with pytest.raises(ValueError, match="unsupported architectures"):
+        inspect_specs((75,), source=TOYS)
+
+
+def test_record_problems_edges():
+    base = dict(name="k", matrix=True, regs=32, spill_stores=0, spill_loads=0, smem=0, instrs=10, wgmma=False)
+    assert CompileRecord(arch=80, **{**base, "smem": SHARED_MEMORY_LIMIT[80]}).problems == []
+    assert CompileRecord(arch=80, **{**base, "smem": SHARED_MEMORY_LIMIT[80] + 1}).problems != []
+    assert CompileRecord(arch=90, **{**base, "wgmma": True, "smem": SHARED_MEMORY_LIMIT[90]}).problems == []
+    assert CompileRecord(arch=90, **base).problems != []  # matrix without wgmma
+    assert CompileRecord(arch=90, **{**base, "wgmma": True, "spill_loads": 4}).problems != []
+    assert CompileRecord(arch=90, **{**base, "wgmma": True, "driver_spills": 1}).problems != []
+
+
+def test_count_ptx_instructions():
+    ptx = """
+.visible .entry k(
+	.param .u64 k_param_0
+)
+.reqntid 128
+{
+	.reg .b32 	%r<4>;
+	.loc	1 11 0                          // toys.py:11:0
+$L__tmp0:
+	// begin inline asm
+	mov.u32 	%r1, %tid.x;    // a comment; with a semicolon
+	@%p1 ld.global.b32 { %r2 }, [ %rd1 + 0 ];
+	// end inline asm
+	wgmma.fence.sync.aligned;
+	ret;
+}
+.section	.debug_abbrev
+{
+.b8 1
+.b8 17;
+}
+"""
+    assert count_ptx_instructions(ptx) == 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ptxas_is_the_wheels(arch):
+    path = ptxas_path(arch)
+    assert os.path.isfile(path) and os.access(path, os.X_OK), path
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    assert "Cuda compilation tools" in version.stdout, version.stdout + version.stderr
+    if not any(k.startswith("TRITON_PTXAS") for k in os.environ):  # Triton's own override, which its builds obey too
+        assert os.path.dirname(path).startswith(os.path.dirname(triton.__file__)), path
+
+
+def test_cli_reports_failures(toy_run):
+    proc, records = toy_run
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(records) == len(toy_specs()) * len(ARCHS)
+    for (name, arch), record in records.items():
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"{name} ") and f" sm_{arch} " in line)
+        assert row.endswith("FAIL" if record.problems else "ok"), row
+    assert "FAIL toy spill normalize sm_90: spills" in proc.stdout, proc.stdout
+    assert "FAIL toy smem transpose sm_80: needs 262144 bytes of shared memory" in proc.stdout, proc.stdout
+    assert "7 of 14 (spec, arch) compiles failed" in proc.stdout, proc.stdout
+
+
+def test_cli_exit_status(monkeypatch, capsys, toy_records):
+    clean = [r for (name, _), r in toy_records.items() if name.startswith("toy clean")]
+    monkeypatch.setattr(dbrx_inspect, "inspect_specs", lambda *args: clean)
+    assert dbrx_inspect.main([]) == 0
+    assert "all 6 ok" in capsys.readouterr().out
+    monkeypatch.setattr(dbrx_inspect, "inspect_specs", lambda *args: [])
+    assert dbrx_inspect.main(["--filter", "no such kernel"]) == 1
+    assert "no spec matches 'no such kernel'" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert dbrx_inspect.main(["--arch", "75", "--specs", TOYS]) == 2
+    assert "unsupported architectures [75]" in capsys.readouterr().err
+
+
+def test_interpreter_variable_moves_compilation_to_a_subprocess(monkeypatch):
+    # Set even where conftest did not (a GPU machine), so that the subprocess path is exercised everywhere.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (record,) = inspect_specs((90,), name_filter="toy clean scale", source=TOYS, jobs=1)
+    assert record.name == "toy clean scale" and record.problems == [] and record.regs > 0, record
