@@ -1,0 +1,231 @@
+"""Benchmark of DBRX's MoE experts layer: routing from the router logits, the k GLU experts per token, the sum.
+
+    python -m benchmarks.bench_moe                      # DBRX widths, T = 1 ... 32768, bf16, forward and full
+    python -m benchmarks.bench_moe --tokens 1 16 4096 --modes forward --providers torch_grouped dbrx_fast
+    python -m benchmarks.bench_moe --smoke              # tiny widths on the CPU, in seconds (the smoke test)
+
+Every provider computes the same thing from the same x [T, H] and weights: router logits x @ Wr.T (one F.linear,
+the same for all), top-k routing with DBRX's p = 1 normalisation, then the experts:
+- stock: transformers' `DbrxFFN` (its routing and the `DbrxExperts` loop over experts), holding the same weights;
+- torch_grouped: `reference.route` + `dbrx_fast.moe_torch.moe_experts_grouped` (torch._grouped_mm on sm_90);
+- dbrx_fast: `dbrx_fast.ops.routing.route` + `dbrx_fast.ops.moe.moe_experts` (the Triton kernels).
+FLOPs: 3 * 2 * T*k*H*F per forward (the router's 2*T*H*E and the GLU are left out), 2x that for a backward, 3x for
+full (fwd+bwd).
+Decode rows (T <= 16) also report GB/s counting the bytes of the chosen experts' weights. See benchmarks/README.md.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_moe.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only through the interpreter, which must be chosen before the first kernel module
+    # is imported (importing dbrx_fast may import them).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, make_step, print_rows
+from dbrx_fast import reference
+from dbrx_fast.moe_torch import moe_experts_grouped
+
+SUBJECT = "moe"
+DBRX_WIDTHS = {"hidden": 6144, "ffn": 10752, "experts": 16, "top_k": 4}
+SMOKE_WIDTHS = {"hidden": 64, "ffn": 96, "experts": 4, "top_k": 2}
+DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384, 32768)
+SMOKE_TOKENS = (1, 33)
+PROVIDERS = ("stock", "torch_grouped", "dbrx_fast")
+BASELINE = "stock"
+DECODE_MAX_TOKENS = 16
+NORMALIZE_P = 1.0  # DBRX's moe_normalize_expert_weights
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class MoeWeights:
+    """The layer's parameters, allocated once per run and shared by every provider and token count."""
+
+    def __init__(self, hidden, ffn, experts, top_k, device, dtype):
+        self.hidden, self.ffn, self.experts, self.top_k = hidden, ffn, experts, top_k
+
+        def param(rows, cols, std):
+            return torch.nn.Parameter(torch.randn(rows, cols, device=device, dtype=dtype).mul_(std))
+
+        # Unit-variance x gives unit-variance logits and projections: no overflow in bf16, a spread-out routing.
+        self.router = param(experts, hidden, hidden**-0.5)
+        self.w1 = param(experts * ffn, hidden, hidden**-0.5)
+        self.v1 = param(experts * ffn, hidden, hidden**-0.5)
+        self.w2 = param(experts * ffn, hidden, ffn**-0.5)
+
+    def params(self):
+        return [self.router, self.w1, self.v1, self.w2]
+
+
+def stock_setup(weights: MoeWeights, x: torch.Tensor):
+    """transformers' DbrxFFN, built on the meta device and then given our parameters (no copy of the weights)."""
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    config = DbrxConfig(
+        d_model=weights.hidden,
+        n_heads=1,
+        n_layers=1,
+        ffn_config={
+            "ffn_hidden_size": weights.ffn,
+            "moe_num_experts": weights.experts,
+            "moe_top_k": weights.top_k,
+            "moe_jitter_eps": None,
+            "moe_normalize_expert_weights": NORMALIZE_P,
+        },
+    )
+    with torch.device("meta"):
+        ffn = DbrxFFN(config).eval()
+    ffn.router.layer.weight = weights.router
+    ffn.experts.mlp.w1, ffn.experts.mlp.v1, ffn.experts.mlp.w2 = weights.w1, weights.v1, weights.w2
+    return lambda: ffn(x[None]).view(x.shape)
+
+
+def torch_grouped_setup(weights: MoeWeights, x: torch.Tensor):
+    w = weights
+
+    def forward():
+        routing_weights, expert_ids = reference.route(F.linear(x, w.router), w.top_k, NORMALIZE_P)
+        return moe_experts_grouped(x, w.w1, w.v1, w.w2, routing_weights, expert_ids, w.experts)
+
+    return forward
+
+
+def dbrx_fast_setup(weights: MoeWeights, x: torch.Tensor):
+    try:
+        from dbrx_fast.ops.moe import moe_experts
+        from dbrx_fast.ops.routing import route
+    except ImportError as e:
+        raise ProviderUnavailable(f"dbrx_fast.ops.routing / dbrx_fast.ops.moe not importable ({e})") from None
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ProviderUnavailable("Triton kernels on the CPU need TRITON_INTERPRET=1 before they are imported")
+    w = weights
+
+    def forward():
+        return moe_experts(x, w.w1, w.v1, w.w2, route(F.linear(x, w.router), w.top_k, NORMALIZE_P), w.experts)
+
+    return forward
+
+
+SETUPS = {"stock": stock_setup, "torch_grouped": torch_grouped_setup, "dbrx_fast": dbrx_fast_setup}
+
+
+def moe_case(weights: MoeWeights, x: torch.Tensor, mode: str) -> Case:
+    """Shape, FLOPs, and for decode the weight bytes of the experts this x is routed to (fp32 routing)."""
+    w = weights
+    tokens = x.shape[0]
+    rows = tokens * w.top_k
+    # The backward does two GEMMs (input and weight gradients) per forward GEMM.
+    work = {"forward": 1, "backward": 2, "full": 3}[mode]
+    flops = 3 * 2.0 * rows * w.hidden * w.ffn * work
+    shape = {"T": tokens, "H": w.hidden, "F": w.ffn, "E": w.experts, "k": w.top_k}
+    extra = {"sweep": "T"}
+    nbytes = None
+    if tokens <= DECODE_MAX_TOKENS:
+        with torch.no_grad():
+            _, expert_ids = reference.route(F.linear(x, w.router), w.top_k, NORMALIZE_P)
+        used = int(torch.unique(expert_ids).numel())
+        # The forward reads each chosen expert's w1, v1, w2 once; the backward reads them again for the input
+        # gradients and writes their gradients.
+        nbytes = used * 3 * w.ffn * w.hidden * x.element_size() * work
+        extra["experts_used"] = used
+    # Equal FLOPs as a dense matmul: the three [T*k, H] x [H, F] projections of a forward, back to back.
+    return Case(shape, mode, flops, bytes=nbytes, dense_mnk=(rows, w.ffn, w.hidden, 3), extra=extra)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", nargs="+", help="token counts T (space or comma separated); default DBRX sweep")
+    p.add_argument("--modes", nargs="+", default=["forward", "full"], choices=["forward", "backward", "full"])
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--hidden", type=int, help="H (default 6144; 64 with --smoke)")
+    p.add_argument("--ffn", type=int, help="F, the expert width (default 10752; 96 with --smoke)")
+    p.add_argument("--experts", type=int, help="E (default 16; 4 with --smoke)")
+    p.add_argument("--top-k", type=int, help="k (default 4; 2 with --smoke)")
+    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, one repetition: checks the plumbing")
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
+    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    widths = SMOKE_WIDTHS if args.smoke else DBRX_WIDTHS
+    for name, default in widths.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.tokens is None:
+        args.tokens = list(SMOKE_TOKENS if args.smoke else DEFAULT_TOKENS)
+    else:
+        args.tokens = [int(t) for item in args.tokens for t in item.split(",") if t]
+    if any(t < 1 for t in args.tokens):
+        p.error("--tokens must be positive")
+    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.smoke:
+        # Tiny ops on a small shared CPU: intra-op threads only add contention (10-100x slower when oversubscribed).
+        torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    # --smoke checks the plumbing, not the speed: one timed call and no warm-up keep Triton's CPU interpreter (the
+    # dbrx_fast provider on a machine without a GPU) within seconds.
+    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
+    harness = Harness(
+        SUBJECT,
+        args.device,
+        dtype,
+        args.out,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
+        **cpu_runs,
+    )
+    print(
+        f"# {SUBJECT} on {harness.device_name}, {args.dtype}; copy {harness.copy_gbps:.1f} GB/s; "
+        f"versions {harness.stamp['versions']}; commit {harness.stamp['git_commit']}",
+        flush=True,
+    )
+    weights = MoeWeights(args.hidden, args.ffn, args.experts, args.top_k, args.device, dtype)
+    for tokens in args.tokens:
+        x = torch.randn(tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+        for mode in args.modes:
+            case = moe_case(weights, x, mode)
+            providers = {name: _provider(SETUPS[name], weights, x, mode) for name in args.providers}
+            print_rows(harness.run_case(case, providers, BASELINE))
+        del x
+    print(f"# rows appended to {harness.results_path}")
+    if harness.failures:
+        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _provider(setup, weights: MoeWeights, x: torch.Tensor, mode: str):
+    def build(case: Case) -> Step:
+        return make_step(setup(weights, x), mode, grad_to_none=[x, *weights.params()])
+
+    return build
+
+
+if __name__ == "__main__":
+    sys.exit(main())
