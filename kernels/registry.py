@@ -2,7 +2,7 @@
 
 import importlib
 
-KERNEL_MODULES = ("rope", "layernorm", "moe_routing")
+KERNEL_MODULES = ("rope", "layernorm", "moe_routing", "moe_experts")
 
 
 def all_compile_specs():

@@ -1,0 +1,524 @@
+"""Grouped GLU expert GEMMs, forward: out[t] = sum_j weights[t, j] * (silu(x[t] @ w1_e.T) * (x[t] @ v1_e.T)) @ w2_e.
+
+Shapes: x [T, H] (any row stride); w1, v1, w2 [E*F, H] in Hugging Face's native layout, used in place (strided views
+are fine): expert e owns rows e*F:(e+1)*F, and w2_e [F, H] is multiplied as stored. Routing metadata as produced by
+kernels/moe_routing.py: weights [T, k] float32, sorted_slots [T*k] int32 (slot s = t*k + j, grouped by expert, ascending
+within an expert) and expert_offsets [E+1] int32.
+
+Three launches, every intermediate in "sorted order" (row p is slot sorted_slots[p]):
+1. `moe_glu_up`: one kernel computes both up projections of a tile with two fp32 accumulators over the H loop,
+   gathering the x row of token sorted_slots[p] // k inside the GEMM (no permuted copy of x); the epilogue forms
+   h = silu(gate) * up and stores h, and gate and up when the backward needs them, in x's dtype.
+2. `moe_down`: y[s] = weights.flat[s] * (h[p] @ w2_e) for s = sorted_slots[p], the routing weight applied to the fp32
+   accumulator and the row scattered back to slot order; y stays float32 so that the output is rounded only once.
+3. `moe_combine`: out[t] = sum_j y[t*k + j], summed in fp32 in slot order and rounded once to x's dtype.
+
+The M grid is the upper bound `num_m_tiles_upper_bound` and each program finds its (expert, rows) with `expert_tile`,
+so nothing synchronises with the host and a decode step can be captured in a CUDA graph. No atomics: every sum has a
+fixed order, so results are bitwise reproducible. Limits: fp16, bf16 and fp32 (fp32 multiplies in full fp32 unless
+torch.set_float32_matmul_precision allows TF32); float64 raises TypeError so that callers fall back to torch.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import pick
+from .compile_spec import CompileSpec
+from .moe_tiles import expert_tile, num_m_tiles_upper_bound
+
+_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_COMBINE_BLOCK_H = 1024
+
+
+def _config(block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int):
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def _up_configs() -> list:
+    """Tiles for the two-accumulator up kernel: large-T tiles first (the first is the pinned one), then decode tiles.
+
+    Each program holds two fp32 accumulators, so a BLOCK_M x BLOCK_N tile does the work of a BLOCK_M x 2*BLOCK_N
+    matmul tile: 128x64 and 64x128 here match the single-GEMM 128x128 class, while 128x128 spills (sm_80 and sm_90)
+    and BLOCK_N = 256 does not fit at all. Decode tiles keep BLOCK_M = 64, the smallest M-tile wgmma takes: with a
+    handful of tokens each chosen expert then has exactly one M-tile, so its weights are read once, and narrow N-tiles
+    with deep K-steps spread that read over many programs.
+    """
+    large = [
+        _config(128, 64, 64, 8, num_warps=8, num_stages=4),
+        _config(128, 64, 64, 8, num_warps=8, num_stages=3),
+        _config(64, 128, 64, 8, num_warps=8, num_stages=4),
+        _config(64, 128, 64, 8, num_warps=8, num_stages=3),
+        _config(64, 64, 64, 8, num_warps=4, num_stages=4),
+    ]
+    decode = [_config(64, 64, 128, 1, num_warps=4, num_stages=3), _config(64, 32, 128, 1, num_warps=4, num_stages=4)]
+    return large + decode
+
+
+def _down_configs() -> list:
+    """Tiles for the single-accumulator down kernel: large-T tiles first (the first is the pinned one), then decode
+    tiles as in `_up_configs`. 128x256 and 4-warp 128x128 / 64x256 spill on sm_80 (fp32 epilogue with the scatter)."""
+    large = [
+        _config(128, 128, 64, 8, num_warps=8, num_stages=4),
+        _config(128, 128, 64, 8, num_warps=8, num_stages=3),
+        _config(64, 256, 64, 8, num_warps=8, num_stages=4),
+        _config(64, 128, 64, 8, num_warps=4, num_stages=4),
+        _config(128, 64, 64, 8, num_warps=4, num_stages=4),
+    ]
+    decode = [_config(64, 64, 128, 1, num_warps=4, num_stages=4), _config(64, 32, 128, 1, num_warps=4, num_stages=4)]
+    return large + decode
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M consecutive M-tiles (mostly one expert) sweeping N together, so that a weight
+    tile and the gathered rows are both reused from L2 (the Triton matmul tutorial's ordering)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b. FP32_DOT multiplies in full fp32: for fp32 inputs when TF32 is not allowed, and under the Triton
+    interpreter, whose bf16 tl.dot is wrong."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_rows(pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert of M-tile pid_m (-1 past the last tile), its sorted rows, their slots and the mask of real rows.
+
+    Rows and slots outside [0, num_rows) are masked as well, so corrupt routing metadata cannot move a load or a
+    store out of bounds.
+    """
+    expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = (rows >= 0) & (rows < row_end) & (rows < num_rows)
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    row_mask &= (slots >= 0) & (slots < num_rows)
+    return expert, rows, slots, row_mask
+
+
+@triton.autotune(configs=pick(_up_configs()), key=["rows_bucket", "hidden", "ffn"])
+@triton.jit
+def _moe_glu_up_fwd_kernel(
+    x_ptr,
+    w1_ptr,
+    v1_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    h_ptr,
+    gate_ptr,
+    up_ptr,
+    num_rows,
+    rows_bucket,  # autotune key only: next power of two of num_rows, so a new length does not re-tune
+    hidden,
+    ffn,
+    top_k,
+    stride_x_t,
+    stride_x_h,
+    stride_w1_r,
+    stride_w1_h,
+    stride_v1_r,
+    stride_v1_h,
+    NUM_EXPERTS: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """h[p, n] = silu(x[tok] @ w1_e[n]) * (x[tok] @ v1_e[n]) for sorted rows p of expert e, tok = sorted_slots[p] // k.
+
+    h, gate and up are contiguous [num_rows, ffn]."""
+    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
+    expert, rows, slots, row_mask = _tile_rows(
+        pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
+    )
+    if expert < 0:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < ffn
+    ks = tl.arange(0, BLOCK_K)
+    tokens = (slots // top_k).to(tl.int64)
+    w_rows = (expert * ffn + cols).to(tl.int64)
+    x_ptrs = x_ptr + tokens[:, None] * stride_x_t + ks[None, :] * stride_x_h
+    # w1_e.T as a [BLOCK_K, BLOCK_N] tile read straight from the [E*F, H] layout.
+    w1_ptrs = w1_ptr + w_rows[None, :] * stride_w1_r + ks[:, None] * stride_w1_h
+    v1_ptrs = v1_ptr + w_rows[None, :] * stride_v1_r + ks[:, None] * stride_v1_h
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_mask = ks < hidden - k0
+        x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_gate = _dot(x_tile, tl.load(w1_ptrs, mask=w_mask, other=0.0), acc_gate, FP32_DOT)
+        acc_up = _dot(x_tile, tl.load(v1_ptrs, mask=w_mask, other=0.0), acc_up, FP32_DOT)
+        x_ptrs += BLOCK_K * stride_x_h
+        w1_ptrs += BLOCK_K * stride_w1_h
+        v1_ptrs += BLOCK_K * stride_v1_h
+
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out_offs = rows.to(tl.int64)[:, None] * ffn + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE_PREACT:
+        tl.store(gate_ptr + out_offs, acc_gate.to(gate_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(up_ptr + out_offs, acc_up.to(up_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=pick(_down_configs()), key=["rows_bucket", "hidden", "ffn"])
+@triton.jit
+def _moe_down_fwd_kernel(
+    h_ptr,
+    w2_ptr,
+    weights_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    y_ptr,
+    num_rows,
+    rows_bucket,  # autotune key only: next power of two of num_rows, so a new length does not re-tune
+    hidden,
+    ffn,
+    top_k,
+    stride_h_r,
+    stride_h_f,
+    stride_w2_r,
+    stride_w2_h,
+    stride_weights_t,
+    stride_weights_k,
+    NUM_EXPERTS: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[s, n] = weights.flat[s] * (h[p] @ w2_e[:, n]) for sorted rows p of expert e, s = sorted_slots[p].
+
+    y is contiguous float32 [num_rows, hidden] in slot order."""
+    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert, rows, slots, row_mask = _tile_rows(
+        pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
+    )
+    if expert < 0:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_r + ks[None, :] * stride_h_f
+    w2_ptrs = w2_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_w2_r + cols[None, :] * stride_w2_h
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ffn, BLOCK_K):
+        k_mask = ks < ffn - k0
+        h_tile = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot(h_tile, w2_tile, acc, FP32_DOT)
+        h_ptrs += BLOCK_K * stride_h_f
+        w2_ptrs += BLOCK_K * stride_w2_r
+
+    tokens = (slots // top_k).to(tl.int64)
+    weight = tl.load(weights_ptr + tokens * stride_weights_t + (slots % top_k) * stride_weights_k, mask=row_mask)
+    y = acc * weight.to(tl.float32)[:, None]
+    y_offs = slots.to(tl.int64)[:, None] * hidden + cols[None, :]
+    tl.store(y_ptr + y_offs, y, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
+    """out[t, n] = sum_j y[t*k + j, n] in fp32, j ascending, rounded once. y float32 [T*k, hidden], out [T, hidden]."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(top_k):
+        acc += tl.load(y_ptr + (token * top_k + j) * hidden + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether the GEMMs must multiply in full fp32 (see `_dot`)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def _check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "x") -> None:
+    """t is fp16, bf16 or fp32 (float64 raises TypeError so that callers fall back to torch), and has the dtype and
+    device of `like` when given."""
+    if t.dtype == torch.float64:
+        raise TypeError(f"{name} is float64, which the MoE kernels do not support; use the torch reference path")
+    if t.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if like is not None and (t.dtype != like.dtype or t.device != like.device):
+        raise TypeError(f"{name} ({t.dtype}, {t.device}) must match {like_name} ({like.dtype}, {like.device})")
+
+
+def _check_weight(name: str, w: torch.Tensor, x: torch.Tensor, num_experts: int) -> int:
+    """Validates an expert weight [E*F, H] against x and returns F."""
+    _check_float(name, w, x)
+    if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name} must be [E*F, H] with H = {x.shape[-1]}, got {tuple(w.shape)}")
+    if w.shape[0] == 0 or w.shape[0] % num_experts:
+        raise ValueError(f"{name} has {w.shape[0]} rows, which is not a positive multiple of E = {num_experts}")
+    return w.shape[0] // num_experts
+
+
+def _check_routing(
+    sorted_slots: torch.Tensor, expert_offsets: torch.Tensor, top_k: int, num_rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validates the dispatch metadata; returns it contiguous (a no-op for the router's output) and E."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    for name, t in (("sorted_slots", sorted_slots), ("expert_offsets", expert_offsets)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if sorted_slots.numel() != num_rows:
+        raise ValueError(f"sorted_slots has {sorted_slots.numel()} entries, expected T*k = {num_rows}")
+    if expert_offsets.numel() < 2:
+        raise ValueError(f"expert_offsets must have E+1 >= 2 entries, got {expert_offsets.numel()}")
+    return sorted_slots.contiguous(), expert_offsets.contiguous(), expert_offsets.numel() - 1
+
+
+@torch.library.triton_op("dbrx_fast::moe_glu_up", mutates_args={})
+def moe_glu_up(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    v1: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, gate, up), each [T*k, F] in x's dtype and in sorted order; h = silu(gate) * up.
+
+    x [T, H]; w1, v1 [E*F, H]. gate and up are written only when `save_preact` (the backward needs them); otherwise
+    they are empty tensors.
+    """
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
+    num_rows = x.shape[0] * top_k
+    sorted_slots, expert_offsets, num_experts = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
+    ffn = _check_weight("w1", w1, x, num_experts)
+    if _check_weight("v1", v1, x, num_experts) != ffn:
+        raise ValueError(f"v1 {tuple(v1.shape)} and w1 {tuple(w1.shape)} must have the same shape")
+
+    h = x.new_empty((num_rows, ffn))
+    gate = x.new_empty((num_rows, ffn) if save_preact else (0,))
+    up = x.new_empty((num_rows, ffn) if save_preact else (0,))
+    if num_rows == 0:
+        return h, gate, up
+
+    def grid(meta):
+        return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]),)
+
+    torch.library.wrap_triton(_moe_glu_up_fwd_kernel)[grid](
+        x,
+        w1,
+        v1,
+        sorted_slots,
+        expert_offsets,
+        h,
+        gate,
+        up,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        x.shape[1],
+        ffn,
+        top_k,
+        x.stride(0),
+        x.stride(1),
+        w1.stride(0),
+        w1.stride(1),
+        v1.stride(0),
+        v1.stride(1),
+        NUM_EXPERTS=num_experts,
+        SAVE_PREACT=save_preact,
+        FP32_DOT=_fp32_dot(x.dtype),
+    )
+    return h, gate, up
+
+
+@torch.library.triton_op("dbrx_fast::moe_down", mutates_args={})
+def moe_down(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """y [T*k, H] float32 in slot order: y[s] = weights.flat[s] * (h[p] @ w2_e) with s = sorted_slots[p].
+
+    h [T*k, F] in sorted order (from `moe_glu_up`); w2 [E*F, H] in h's dtype; weights [T, k] float32.
+    """
+    _check_float("h", h)
+    if h.dim() != 2:
+        raise ValueError(f"h must be [T*k, F], got shape {tuple(h.shape)}")
+    if weights.dtype != torch.float32:
+        raise TypeError(f"weights must be float32, got {weights.dtype}")
+    if weights.device != h.device:
+        raise ValueError(f"weights is on {weights.device}, h on {h.device}")
+    if weights.dim() != 2 or weights.shape[1] != top_k:
+        raise ValueError(f"weights must be [T, k] with k = {top_k}, got shape {tuple(weights.shape)}")
+    num_rows = weights.shape[0] * top_k
+    if h.shape[0] != num_rows:
+        raise ValueError(f"h has {h.shape[0]} rows, expected T*k = {num_rows}")
+    sorted_slots, expert_offsets, num_experts = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, h.device)
+    _check_float("w2", w2, h, "h")
+    if w2.dim() != 2 or w2.shape[0] == 0 or w2.shape[0] % num_experts or w2.shape[0] // num_experts != h.shape[1]:
+        raise ValueError(f"w2 must be [E*F, H] with E = {num_experts}, F = {h.shape[1]}, got {tuple(w2.shape)}")
+    ffn, hidden = h.shape[1], w2.shape[1]
+
+    y = h.new_empty((num_rows, hidden), dtype=torch.float32)
+    if num_rows == 0:
+        return y
+
+    def grid(meta):
+        return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
+
+    torch.library.wrap_triton(_moe_down_fwd_kernel)[grid](
+        h,
+        w2,
+        weights,
+        sorted_slots,
+        expert_offsets,
+        y,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        top_k,
+        h.stride(0),
+        h.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        NUM_EXPERTS=num_experts,
+        FP32_DOT=_fp32_dot(h.dtype),
+    )
+    return y
+
+
+@torch.library.triton_op("dbrx_fast::moe_combine", mutates_args={})
+def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out [T, H] in out_dtype: out[t] = sum_j y[t*k + j], in fp32 with j ascending, rounded once.
+
+    y [T*k, H] float32 from `moe_down`, read as contiguous (it always is).
+    """
+    if y.dtype != torch.float32:
+        raise TypeError(f"y must be float32, got {y.dtype}")
+    if out_dtype not in _TRITON_DTYPES:
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if y.dim() != 2 or y.shape[0] % top_k:
+        raise ValueError(f"y must be [T*k, H] with k = {top_k}, got shape {tuple(y.shape)}")
+    y = y.contiguous()
+    num_tokens, hidden = y.shape[0] // top_k, y.shape[1]
+    out = y.new_empty((num_tokens, hidden), dtype=out_dtype)
+    if num_tokens == 0 or hidden == 0:
+        return out
+    grid = (num_tokens, triton.cdiv(hidden, _COMBINE_BLOCK_H))
+    torch.library.wrap_triton(_moe_combine_kernel)[grid](y, out, hidden, top_k, BLOCK_H=_COMBINE_BLOCK_H, num_warps=4)
+    return out
+
+
+# DBRX's sizes, fixed in the compile specs. A launch specializes every integer argument divisible by 16 (hidden, ffn
+# and the row strides at DBRX's shapes) and every one equal to 1 (inner strides), which proves the rows 16-byte
+# aligned so that tiles load as vectors through cp.async. A CompileSpec cannot say "divisible by 16", so it fixes the
+# values; left as plain i32 the check would judge unvectorized kernels that no launch at these shapes builds.
+_HIDDEN, _FFN, _NUM_EXPERTS = 6144, 10752, 16
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (dtype, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors (see above)."""
+    specs = []
+    for dtype in ("bf16", "fp16"):
+        for cfg in _up_configs():
+            for save in (True, False):
+                specs.append(
+                    CompileSpec(
+                        name=f"moe_glu_up {dtype} SAVE_PREACT={save} {_describe(cfg)}",
+                        kernel=_moe_glu_up_fwd_kernel.fn,
+                        signature={
+                            **dict.fromkeys(("x_ptr", "w1_ptr", "v1_ptr", "h_ptr", "gate_ptr", "up_ptr"), f"*{dtype}"),
+                            **dict.fromkeys(("sorted_slots_ptr", "expert_offsets_ptr"), "*i32"),
+                            **dict.fromkeys(("num_rows", "rows_bucket", "top_k"), "i32"),
+                        },
+                        constexprs={
+                            "hidden": _HIDDEN,
+                            "ffn": _FFN,
+                            **dict.fromkeys(("stride_x_t", "stride_w1_r", "stride_v1_r"), _HIDDEN),
+                            **dict.fromkeys(("stride_x_h", "stride_w1_h", "stride_v1_h"), 1),
+                            "NUM_EXPERTS": _NUM_EXPERTS,
+                            "SAVE_PREACT": save,
+                            "FP32_DOT": False,
+                            **cfg.kwargs,
+                        },
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        matrix=True,
+                    )
+                )
+        for cfg in _down_configs():
+            specs.append(
+                CompileSpec(
+                    name=f"moe_down {dtype} {_describe(cfg)}",
+                    kernel=_moe_down_fwd_kernel.fn,
+                    signature={
+                        "h_ptr": f"*{dtype}",
+                        "w2_ptr": f"*{dtype}",
+                        "weights_ptr": "*fp32",
+                        **dict.fromkeys(("sorted_slots_ptr", "expert_offsets_ptr"), "*i32"),
+                        "y_ptr": "*fp32",
+                        **dict.fromkeys(("num_rows", "rows_bucket", "top_k", "stride_weights_t"), "i32"),
+                    },
+                    constexprs={
+                        "hidden": _HIDDEN,
+                        "ffn": _FFN,
+                        "stride_h_r": _FFN,
+                        "stride_w2_r": _HIDDEN,
+                        **dict.fromkeys(("stride_h_f", "stride_w2_h", "stride_weights_k"), 1),
+                        "NUM_EXPERTS": _NUM_EXPERTS,
+                        "FP32_DOT": False,
+                        **cfg.kwargs,
+                    },
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    matrix=True,
+                )
+            )
+        specs.append(
+            CompileSpec(
+                name=f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}",
+                kernel=_moe_combine_kernel,
+                signature={"y_ptr": "*fp32", "out_ptr": f"*{dtype}", "top_k": "i32"},
+                constexprs={"hidden": _HIDDEN, "BLOCK_H": _COMBINE_BLOCK_H},
+                num_warps=4,
+            )
+        )
+    return specs
+
+
+def _describe(cfg) -> str:
+    meta = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{meta} warps={cfg.num_warps} stages={cfg.num_stages}"
