@@ -2,7 +2,7 @@
 
 import importlib
 
-KERNEL_MODULES = ("rope", "layernorm", "moe_routing", "moe_experts")
+KERNEL_MODULES = ("rope", "layernorm", "moe_routing", "moe_experts", "moe_experts_backward")
 
 
 def all_compile_specs():
