@@ -52,9 +52,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return rotate(q), rotate(k)
 
 
-def route(
-    router_logits: torch.Tensor, top_k: int, normalize_p: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, top_k: int, normalize_p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """DBRX routing: softmax over experts in float32, top-k, then division by the p-norm of the chosen weights.
 
     Returns (weights [T, k] in float32 or float64, expert indices [T, k] int64). Experts are ranked by logit (the
