@@ -59,9 +59,13 @@ def test_logits_loss_and_every_gradient(config_kw, backend):
 
     assert_accurate(out.logits, ref.logits, base.logits)
     assert_accurate(out.loss.reshape(1), ref.loss.reshape(1), base.loss.reshape(1))
+    # With top-1 routing and normalisation the router's gradient is zero in exact arithmetic (w / |w| = 1), so in any
+    # dtype it is round-off noise: measure such a gradient against the scale of the model's gradients instead.
+    scale = max(g.abs().max().item() for g in ref_grads.values())
     for name, grad in grads.items():
         assert grad is not None, f"{name} got no gradient"
-        assert_accurate(grad, ref_grads[name], base_grads[name]), name
+        floor = scale if ref_grads[name].abs().max() < 1e-9 * scale else 1e-30
+        assert_accurate(grad, ref_grads[name], base_grads[name], floor=floor, what=name)
 
 
 @pytest.mark.skipif(
