@@ -7,12 +7,14 @@ stock.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
+
+import dbrx_fast
+from dbrx_fast.backend import interpreter_enabled, resolve
 
 PRESETS = {
     "small": dict(d_model=512, n_heads=8, kv_n_heads=2, n_layers=2, ffn_hidden_size=512, vocab_size=1024),
@@ -75,10 +77,14 @@ def measure(model, ids, new_tokens: int, repeats: int, device: torch.device) -> 
 
 def demo(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.backend == "triton" and device.type != "cuda":
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported: they load at first use
-    import dbrx_fast
-    from dbrx_fast.backend import resolve
+    if args.backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+        # Too late to set it here: transformers has imported triton, which reads the variable once.
+        print(
+            "dbrx-fast demo: --backend triton on the CPU runs the kernels through Triton's interpreter; run it as "
+            "`TRITON_INTERPRET=1 dbrx-fast demo --backend triton ...`",
+            file=sys.stderr,
+        )
+        return 2
 
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     torch.manual_seed(args.seed)

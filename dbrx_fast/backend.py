@@ -36,8 +36,9 @@ def resolve(backend: str, device: torch.device) -> str:
     if interpreter_enabled():
         return "triton"
     raise RuntimeError(
-        f"dbrx_fast: backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
-        "dbrx_fast to run the kernels on the CPU, or patch with backend='auto' or 'torch'."
+        f"dbrx_fast: backend='triton' needs CUDA tensors (got {device}); to run the kernels on the CPU, set "
+        "TRITON_INTERPRET=1 in the environment before triton is first imported (transformers imports it), or patch "
+        "with backend='auto' or 'torch'."
     )
 
 
