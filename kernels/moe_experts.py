@@ -19,17 +19,28 @@ fixed order, so results are bitwise reproducible. Limits: fp16, bf16 and fp32 (f
 torch.set_float32_matmul_precision allows TF32); float64 raises TypeError so that callers fall back to torch.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .autotune import pick
 from .compile_spec import CompileSpec
-from .moe_tiles import expert_tile, num_m_tiles_upper_bound
+from .moe_tiles import (
+    DBRX_FFN,
+    DBRX_HIDDEN,
+    DBRX_NUM_EXPERTS,
+    TRITON_DTYPES,
+    check_float,
+    check_routing,
+    describe,
+    dot,
+    grouped_tile,
+    launched_m_tiles,
+    num_m_tiles_upper_bound,
+    tile_rows,
+    use_fp32_dot,
+)
 
-_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _COMBINE_BLOCK_H = 1024
 
 
@@ -72,42 +83,6 @@ def _down_configs() -> list:
     return large + decode
 
 
-@triton.jit
-def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) with GROUP_M consecutive M-tiles (mostly one expert) sweeping N together, so that a weight
-    tile and the gathered rows are both reused from L2 (the Triton matmul tutorial's ordering)."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b. FP32_DOT multiplies in full fp32: for fp32 inputs when TF32 is not allowed, and under the Triton
-    interpreter, whose bf16 tl.dot is wrong."""
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _tile_rows(pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The expert of M-tile pid_m (-1 past the last tile), its sorted rows, their slots and the mask of real rows.
-
-    Rows and slots outside [0, num_rows) are masked as well, so corrupt routing metadata cannot move a load or a
-    store out of bounds.
-    """
-    expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = (rows >= 0) & (rows < row_end) & (rows < num_rows)
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
-    row_mask &= (slots >= 0) & (slots < num_rows)
-    return expert, rows, slots, row_mask
-
-
 @triton.autotune(configs=pick(_up_configs()), key=["rows_bucket", "hidden", "ffn"])
 @triton.jit
 def _moe_glu_up_fwd_kernel(
@@ -141,9 +116,9 @@ def _moe_glu_up_fwd_kernel(
     """h[p, n] = silu(x[tok] @ w1_e[n]) * (x[tok] @ v1_e[n]) for sorted rows p of expert e, tok = sorted_slots[p] // k.
 
     h, gate and up are contiguous [num_rows, ffn]."""
-    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
-    expert, rows, slots, row_mask = _tile_rows(
+    num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
+    expert, rows, slots, row_mask = tile_rows(
         pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
     )
     if expert < 0:
@@ -163,8 +138,8 @@ def _moe_glu_up_fwd_kernel(
         k_mask = ks < hidden - k0
         x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_gate = _dot(x_tile, tl.load(w1_ptrs, mask=w_mask, other=0.0), acc_gate, FP32_DOT)
-        acc_up = _dot(x_tile, tl.load(v1_ptrs, mask=w_mask, other=0.0), acc_up, FP32_DOT)
+        acc_gate = dot(x_tile, tl.load(w1_ptrs, mask=w_mask, other=0.0), acc_gate, FP32_DOT)
+        acc_up = dot(x_tile, tl.load(v1_ptrs, mask=w_mask, other=0.0), acc_up, FP32_DOT)
         x_ptrs += BLOCK_K * stride_x_h
         w1_ptrs += BLOCK_K * stride_w1_h
         v1_ptrs += BLOCK_K * stride_v1_h
@@ -208,9 +183,9 @@ def _moe_down_fwd_kernel(
     """y[s, n] = weights.flat[s] * (h[p] @ w2_e[:, n]) for sorted rows p of expert e, s = sorted_slots[p].
 
     y is contiguous float32 [num_rows, hidden] in slot order."""
-    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert, rows, slots, row_mask = _tile_rows(
+    num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert, rows, slots, row_mask = tile_rows(
         pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
     )
     if expert < 0:
@@ -225,7 +200,7 @@ def _moe_down_fwd_kernel(
         k_mask = ks < ffn - k0
         h_tile = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(h_tile, w2_tile, acc, FP32_DOT)
+        acc = dot(h_tile, w2_tile, acc, FP32_DOT)
         h_ptrs += BLOCK_K * stride_h_f
         w2_ptrs += BLOCK_K * stride_w2_r
 
@@ -248,52 +223,14 @@ def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether the GEMMs must multiply in full fp32 (see `_dot`)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-
-
-def _check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "x") -> None:
-    """t is fp16, bf16 or fp32 (float64 raises TypeError so that callers fall back to torch), and has the dtype and
-    device of `like` when given."""
-    if t.dtype == torch.float64:
-        raise TypeError(f"{name} is float64, which the MoE kernels do not support; use the torch reference path")
-    if t.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if like is not None and (t.dtype != like.dtype or t.device != like.device):
-        raise TypeError(f"{name} ({t.dtype}, {t.device}) must match {like_name} ({like.dtype}, {like.device})")
-
-
 def _check_weight(name: str, w: torch.Tensor, x: torch.Tensor, num_experts: int) -> int:
     """Validates an expert weight [E*F, H] against x and returns F."""
-    _check_float(name, w, x)
+    check_float(name, w, x)
     if w.dim() != 2 or w.shape[1] != x.shape[-1]:
         raise ValueError(f"{name} must be [E*F, H] with H = {x.shape[-1]}, got {tuple(w.shape)}")
     if w.shape[0] == 0 or w.shape[0] % num_experts:
         raise ValueError(f"{name} has {w.shape[0]} rows, which is not a positive multiple of E = {num_experts}")
     return w.shape[0] // num_experts
-
-
-def _check_routing(
-    sorted_slots: torch.Tensor, expert_offsets: torch.Tensor, top_k: int, num_rows: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validates the dispatch metadata; returns it contiguous (a no-op for the router's output) and E."""
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    for name, t in (("sorted_slots", sorted_slots), ("expert_offsets", expert_offsets)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if sorted_slots.numel() != num_rows:
-        raise ValueError(f"sorted_slots has {sorted_slots.numel()} entries, expected T*k = {num_rows}")
-    if expert_offsets.numel() < 2:
-        raise ValueError(f"expert_offsets must have E+1 >= 2 entries, got {expert_offsets.numel()}")
-    return sorted_slots.contiguous(), expert_offsets.contiguous(), expert_offsets.numel() - 1
 
 
 @torch.library.triton_op("dbrx_fast::moe_glu_up", mutates_args={})
@@ -311,11 +248,11 @@ def moe_glu_up(
     x [T, H]; w1, v1 [E*F, H]. gate and up are written only when `save_preact` (the backward needs them); otherwise
     they are empty tensors.
     """
-    _check_float("x", x)
+    check_float("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     num_rows = x.shape[0] * top_k
-    sorted_slots, expert_offsets, num_experts = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
+    sorted_slots, expert_offsets, num_experts = check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
     ffn = _check_weight("w1", w1, x, num_experts)
     if _check_weight("v1", v1, x, num_experts) != ffn:
         raise ValueError(f"v1 {tuple(v1.shape)} and w1 {tuple(w1.shape)} must have the same shape")
@@ -351,7 +288,7 @@ def moe_glu_up(
         v1.stride(1),
         NUM_EXPERTS=num_experts,
         SAVE_PREACT=save_preact,
-        FP32_DOT=_fp32_dot(x.dtype),
+        FP32_DOT=use_fp32_dot(x.dtype),
     )
     return h, gate, up
 
@@ -369,7 +306,7 @@ def moe_down(
 
     h [T*k, F] in sorted order (from `moe_glu_up`); w2 [E*F, H] in h's dtype; weights [T, k] float32.
     """
-    _check_float("h", h)
+    check_float("h", h)
     if h.dim() != 2:
         raise ValueError(f"h must be [T*k, F], got shape {tuple(h.shape)}")
     if weights.dtype != torch.float32:
@@ -381,8 +318,8 @@ def moe_down(
     num_rows = weights.shape[0] * top_k
     if h.shape[0] != num_rows:
         raise ValueError(f"h has {h.shape[0]} rows, expected T*k = {num_rows}")
-    sorted_slots, expert_offsets, num_experts = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, h.device)
-    _check_float("w2", w2, h, "h")
+    sorted_slots, expert_offsets, num_experts = check_routing(sorted_slots, expert_offsets, top_k, num_rows, h.device)
+    check_float("w2", w2, h, "h")
     if w2.dim() != 2 or w2.shape[0] == 0 or w2.shape[0] % num_experts or w2.shape[0] // num_experts != h.shape[1]:
         raise ValueError(f"w2 must be [E*F, H] with E = {num_experts}, F = {h.shape[1]}, got {tuple(w2.shape)}")
     ffn, hidden = h.shape[1], w2.shape[1]
@@ -413,7 +350,7 @@ def moe_down(
         weights.stride(0),
         weights.stride(1),
         NUM_EXPERTS=num_experts,
-        FP32_DOT=_fp32_dot(h.dtype),
+        FP32_DOT=use_fp32_dot(h.dtype),
     )
     return y
 
@@ -426,7 +363,7 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
     """
     if y.dtype != torch.float32:
         raise TypeError(f"y must be float32, got {y.dtype}")
-    if out_dtype not in _TRITON_DTYPES:
+    if out_dtype not in TRITON_DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -442,22 +379,16 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
     return out
 
 
-# DBRX's sizes, fixed in the compile specs. A launch specializes every integer argument divisible by 16 (hidden, ffn
-# and the row strides at DBRX's shapes) and every one equal to 1 (inner strides), which proves the rows 16-byte
-# aligned so that tiles load as vectors through cp.async. A CompileSpec cannot say "divisible by 16", so it fixes the
-# values; left as plain i32 the check would judge unvectorized kernels that no launch at these shapes builds.
-_HIDDEN, _FFN, _NUM_EXPERTS = 6144, 10752, 16
-
-
 def compile_specs() -> list[CompileSpec]:
-    """Every (dtype, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors (see above)."""
+    """Every (dtype, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors (see DBRX_HIDDEN
+    in moe_tiles.py)."""
     specs = []
     for dtype in ("bf16", "fp16"):
         for cfg in _up_configs():
             for save in (True, False):
                 specs.append(
                     CompileSpec(
-                        name=f"moe_glu_up {dtype} SAVE_PREACT={save} {_describe(cfg)}",
+                        name=f"moe_glu_up {dtype} SAVE_PREACT={save} {describe(cfg)}",
                         kernel=_moe_glu_up_fwd_kernel.fn,
                         signature={
                             **dict.fromkeys(("x_ptr", "w1_ptr", "v1_ptr", "h_ptr", "gate_ptr", "up_ptr"), f"*{dtype}"),
@@ -465,11 +396,11 @@ def compile_specs() -> list[CompileSpec]:
                             **dict.fromkeys(("num_rows", "rows_bucket", "top_k"), "i32"),
                         },
                         constexprs={
-                            "hidden": _HIDDEN,
-                            "ffn": _FFN,
-                            **dict.fromkeys(("stride_x_t", "stride_w1_r", "stride_v1_r"), _HIDDEN),
+                            "hidden": DBRX_HIDDEN,
+                            "ffn": DBRX_FFN,
+                            **dict.fromkeys(("stride_x_t", "stride_w1_r", "stride_v1_r"), DBRX_HIDDEN),
                             **dict.fromkeys(("stride_x_h", "stride_w1_h", "stride_v1_h"), 1),
-                            "NUM_EXPERTS": _NUM_EXPERTS,
+                            "NUM_EXPERTS": DBRX_NUM_EXPERTS,
                             "SAVE_PREACT": save,
                             "FP32_DOT": False,
                             **cfg.kwargs,
@@ -482,7 +413,7 @@ def compile_specs() -> list[CompileSpec]:
         for cfg in _down_configs():
             specs.append(
                 CompileSpec(
-                    name=f"moe_down {dtype} {_describe(cfg)}",
+                    name=f"moe_down {dtype} {describe(cfg)}",
                     kernel=_moe_down_fwd_kernel.fn,
                     signature={
                         "h_ptr": f"*{dtype}",
@@ -493,12 +424,12 @@ def compile_specs() -> list[CompileSpec]:
                         **dict.fromkeys(("num_rows", "rows_bucket", "top_k", "stride_weights_t"), "i32"),
                     },
                     constexprs={
-                        "hidden": _HIDDEN,
-                        "ffn": _FFN,
-                        "stride_h_r": _FFN,
-                        "stride_w2_r": _HIDDEN,
+                        "hidden": DBRX_HIDDEN,
+                        "ffn": DBRX_FFN,
+                        "stride_h_r": DBRX_FFN,
+                        "stride_w2_r": DBRX_HIDDEN,
                         **dict.fromkeys(("stride_h_f", "stride_w2_h", "stride_weights_k"), 1),
-                        "NUM_EXPERTS": _NUM_EXPERTS,
+                        "NUM_EXPERTS": DBRX_NUM_EXPERTS,
                         "FP32_DOT": False,
                         **cfg.kwargs,
                     },
@@ -512,13 +443,8 @@ def compile_specs() -> list[CompileSpec]:
                 name=f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}",
                 kernel=_moe_combine_kernel,
                 signature={"y_ptr": "*fp32", "out_ptr": f"*{dtype}", "top_k": "i32"},
-                constexprs={"hidden": _HIDDEN, "BLOCK_H": _COMBINE_BLOCK_H},
+                constexprs={"hidden": DBRX_HIDDEN, "BLOCK_H": _COMBINE_BLOCK_H},
                 num_warps=4,
             )
         )
     return specs
-
-
-def _describe(cfg) -> str:
-    meta = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-    return f"{meta} warps={cfg.num_warps} stages={cfg.num_stages}"

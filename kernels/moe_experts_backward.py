@@ -37,20 +37,22 @@ import triton.language as tl
 
 from .autotune import pick
 from .compile_spec import CompileSpec
-from .moe_experts import (
-    _FFN,
-    _HIDDEN,
-    _NUM_EXPERTS,
-    _check_float,
-    _check_routing,
-    _describe,
-    _dot,
-    _fp32_dot,
-    _grouped_tile,
-    _tile_rows,
-    moe_combine,
+from .moe_experts import moe_combine
+from .moe_tiles import (
+    DBRX_FFN,
+    DBRX_HIDDEN,
+    DBRX_NUM_EXPERTS,
+    check_float,
+    check_routing,
+    describe,
+    dot,
+    expert_tile,
+    grouped_tile,
+    launched_m_tiles,
+    num_m_tiles_upper_bound,
+    tile_rows,
+    use_fp32_dot,
 )
-from .moe_tiles import expert_tile, num_m_tiles_upper_bound
 
 # The dweights partial buffer has one row per F-tile and is allocated before the autotuner picks a config, so every
 # moe_down_bwd config shares this BLOCK_N.
@@ -158,7 +160,7 @@ def _autotuned(kernel, configs: dict[str, list], key: list[str]) -> dict[str, ob
 
 def _gemm_class(dtype: torch.dtype) -> tuple[str, bool]:
     """(GEMM class, FP32_DOT) of a launch on `dtype` tensors."""
-    fp32_dot = _fp32_dot(dtype)
+    fp32_dot = use_fp32_dot(dtype)
     if dtype != torch.float32:
         return "16bit", fp32_dot
     return ("fp32_dot" if fp32_dot else "tf32"), fp32_dot
@@ -254,8 +256,8 @@ def _moe_down_bwd_kernel(
 ):
     """dgate, dup [num_rows, ffn] (contiguous, sorted order) and partial[pid_n, s] = sum over the F-tile of h * dh'
     (contiguous float32 [cdiv(ffn, BLOCK_N), num_rows], slot order) for the sorted rows p of expert e."""
-    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
+    num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -277,7 +279,7 @@ def _moe_down_bwd_kernel(
         k_mask = ks < hidden - k0
         dout_tile = tl.load(dout_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(dout_tile, w2_tile, acc, FP32_DOT)
+        acc = dot(dout_tile, w2_tile, acc, FP32_DOT)
         dout_ptrs += BLOCK_K * stride_dout_h
         w2_ptrs += BLOCK_K * stride_w2_h
 
@@ -402,7 +404,7 @@ def _moe_down_wgrad_kernel(
             other=0.0,
         )
         # Rounded to the activations' dtype (the forward rounded h likewise) so that the dot runs on tensor cores.
-        acc = _dot(h_t.to(dout.dtype), dout, acc, FP32_DOT)
+        acc = dot(h_t.to(dout.dtype), dout, acc, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     tl.store(dw2_ptr + out_offs, acc.to(dw2_ptr.dtype.element_ty), mask=f_mask[:, None] & h_mask[None, :])
 
@@ -438,9 +440,9 @@ def _moe_up_dgrad_kernel(
     """dx_slot[s, n] = dgate[p] @ w1_e[:, n] + dup[p] @ v1_e[:, n] for sorted rows p of expert e, s = sorted_slots[p].
 
     dx_slot is contiguous float32 [num_rows, hidden] in slot order."""
-    num_pid_m = tl.minimum(tl.cdiv(num_rows, BLOCK_M) + NUM_EXPERTS - 1, num_rows)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert, rows, slots, row_mask = _tile_rows(
+    num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert, rows, slots, row_mask = tile_rows(
         pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
     )
     if expert < 0:
@@ -459,8 +461,8 @@ def _moe_up_dgrad_kernel(
         k_mask = ks < ffn - k0
         a_mask = row_mask[:, None] & k_mask[None, :]
         b_mask = k_mask[:, None] & col_mask[None, :]
-        acc = _dot(tl.load(dgate_ptrs, mask=a_mask, other=0.0), tl.load(w1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
-        acc = _dot(tl.load(dup_ptrs, mask=a_mask, other=0.0), tl.load(v1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
+        acc = dot(tl.load(dgate_ptrs, mask=a_mask, other=0.0), tl.load(w1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
+        acc = dot(tl.load(dup_ptrs, mask=a_mask, other=0.0), tl.load(v1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
         dgate_ptrs += BLOCK_K * stride_dgate_f
         dup_ptrs += BLOCK_K * stride_dup_f
         w1_ptrs += BLOCK_K * stride_w1_r
@@ -520,8 +522,8 @@ def _moe_up_wgrad_kernel(
             mask=row_mask[:, None] & h_mask[None, :],
             other=0.0,
         )
-        acc_w1 = _dot(dgate_t, x_tile, acc_w1, FP32_DOT)
-        acc_v1 = _dot(dup_t, x_tile, acc_v1, FP32_DOT)
+        acc_w1 = dot(dgate_t, x_tile, acc_w1, FP32_DOT)
+        acc_v1 = dot(dup_t, x_tile, acc_v1, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     out_mask = f_mask[:, None] & h_mask[None, :]
     tl.store(dw1_ptr + out_offs, acc_w1.to(dw1_ptr.dtype.element_ty), mask=out_mask)
@@ -536,7 +538,7 @@ _UP_WGRAD = _autotuned(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["hidden", "ff
 
 def _check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
     """`t` is a supported float tensor in `like`'s dtype and on its device."""
-    _check_float(name, t)
+    check_float(name, t)
     if t.dtype != like.dtype or t.device != like.device:
         raise TypeError(f"{name} ({t.dtype}, {t.device}) must match {like_name} ({like.dtype}, {like.device})")
 
@@ -548,7 +550,7 @@ def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int], what: str)
 
 def _check_preact(gate: torch.Tensor, up: torch.Tensor, names: tuple[str, str] = ("gate", "up")) -> None:
     """gate and up (or dgate and dup): [T*k, F] in one supported dtype, on one device."""
-    _check_float(names[0], gate)
+    check_float(names[0], gate)
     if gate.dim() != 2:
         raise ValueError(f"{names[0]} must be [T*k, F], got shape {tuple(gate.shape)}")
     _check_like(names[1], up, names[0], gate)
@@ -603,7 +605,7 @@ def moe_down_bwd(
     num_rows, hidden = dout.shape[0] * top_k, dout.shape[1]
     _check_weights(weights, dout.shape[0], top_k, gate.device)
     _check_matrix("gate", gate, (num_rows, gate.shape[1]), "[T*k, F]")
-    sorted_slots, expert_offsets, num_experts = _check_routing(
+    sorted_slots, expert_offsets, num_experts = check_routing(
         sorted_slots, expert_offsets, top_k, num_rows, gate.device
     )
     ffn = gate.shape[1]
@@ -678,7 +680,7 @@ def moe_down_wgrad(
     num_rows, hidden = dout.shape[0] * top_k, dout.shape[1]
     _check_weights(weights, dout.shape[0], top_k, gate.device)
     _check_matrix("gate", gate, (num_rows, gate.shape[1]), "[T*k, F]")
-    sorted_slots, expert_offsets, _ = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, gate.device)
+    sorted_slots, expert_offsets, _ = check_routing(sorted_slots, expert_offsets, top_k, num_rows, gate.device)
     _check_num_experts(expert_offsets, num_experts)
     ffn = gate.shape[1]
 
@@ -739,7 +741,7 @@ def moe_up_dgrad(
         raise ValueError(f"num_tokens must be non-negative, got {num_tokens}")
     num_rows, ffn = num_tokens * top_k, dgate.shape[1]
     _check_matrix("dgate", dgate, (num_rows, ffn), "[T*k, F]")
-    sorted_slots, expert_offsets, num_experts = _check_routing(
+    sorted_slots, expert_offsets, num_experts = check_routing(
         sorted_slots, expert_offsets, top_k, num_rows, dgate.device
     )
     if w1.dim() != 2:
@@ -801,7 +803,7 @@ def moe_up_wgrad(
     _check_top_k(top_k)
     num_rows, hidden, ffn = x.shape[0] * top_k, x.shape[1], dgate.shape[1]
     _check_matrix("dgate", dgate, (num_rows, ffn), "[T*k, F]")
-    sorted_slots, expert_offsets, _ = _check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
+    sorted_slots, expert_offsets, _ = check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
     _check_num_experts(expert_offsets, num_experts)
 
     dw1 = x.new_empty((num_experts * ffn, hidden))
@@ -841,7 +843,7 @@ def _launch_args(kernel, dtype: str, fp32_ptrs: tuple[str, ...]) -> tuple[dict[s
 
     Pointers: the routing metadata int32, those named in fp32_ptrs float32, the others in `dtype`. A launch
     specializes every integer divisible by 16 and every one equal to 1, which proves the rows 16-byte aligned so that
-    tiles load as vectors through cp.async; a CompileSpec cannot say "divisible by 16", so, as in moe_experts.py, the
+    tiles load as vectors through cp.async; a CompileSpec cannot say "divisible by 16", so, as in moe_tiles.py, the
     sizes and strides are fixed at DBRX's values (hidden, ffn and row strides 6144 or 10752, inner strides 1). What
     stays a plain i32 varies with the batch: the row count, its bucket, k and the routing weights' row stride.
     """
@@ -855,9 +857,9 @@ def _launch_args(kernel, dtype: str, fp32_ptrs: tuple[str, ...]) -> tuple[dict[s
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
         elif name in ("hidden", "stride_dout_t", "stride_x_t", "stride_w1_r", "stride_v1_r", "stride_w2_r"):
-            constexprs[name] = _HIDDEN
+            constexprs[name] = DBRX_HIDDEN
         elif name in ("ffn", "stride_gate_p", "stride_up_p", "stride_dgate_p", "stride_dup_p"):
-            constexprs[name] = _FFN
+            constexprs[name] = DBRX_FFN
         elif name.startswith("stride_") and name[-2:] in ("_h", "_f", "_k"):
             constexprs[name] = 1
         else:
@@ -877,7 +879,7 @@ def compile_specs() -> list[CompileSpec]:
     dtypes = {"16bit": ("bf16", "fp16"), "tf32": ("fp32",), "fp32_dot": ("fp32",)}
     specs = []
     for name, kernel, configs, fp32_ptrs in kernels:
-        fixed = {"NUM_EXPERTS": _NUM_EXPERTS} if "NUM_EXPERTS" in kernel.arg_names else {}
+        fixed = {"NUM_EXPERTS": DBRX_NUM_EXPERTS} if "NUM_EXPERTS" in kernel.arg_names else {}
         if kernel is _moe_down_bwd_kernel:
             fixed["BLOCK_N"] = _DOWN_BWD_BLOCK_N
         for gemm_class, class_configs in configs.items():
@@ -886,7 +888,7 @@ def compile_specs() -> list[CompileSpec]:
                 for cfg in class_configs:
                     specs.append(
                         CompileSpec(
-                            name=f"{name} {dtype} {gemm_class} {_describe(cfg)}",
+                            name=f"{name} {dtype} {gemm_class} {describe(cfg)}",
                             kernel=kernel,
                             signature=signature,
                             constexprs={**sizes, **fixed, "FP32_DOT": gemm_class == "fp32_dot", **cfg.kwargs},
