@@ -6,12 +6,12 @@ so these tests need no routing kernel, except the one that runs the real router 
 allocates starts as NaN, so an element it forgets to write fails.
 """
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accuracy import EPS, assert_accurate, rel_err
+from moe_cases import BY_NAME, CASE_IDS, CASES, Case
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
 from dbrx_fast import reference
@@ -38,31 +38,9 @@ def _poison_allocations(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
 
 
-@dataclass
-class Case:
-    name: str
-    tokens: int
-    experts: int
-    top_k: int
-    hidden: int = 80  # H and F are multiples of no block size the kernels use
-    ffn: int = 48
-    routing: str = "random"  # "random", "skewed" (the upper half of the experts gets no token) or "one"
-
-
-CASES = [
-    Case("T1_E16_k4", 1, 16, 4),
-    Case("T37_E4_k2", 37, 4, 2),
-    Case("T37_E16_k4", 37, 16, 4),
-    Case("empty_experts", 37, 8, 2, routing="skewed"),
-    Case("k1_one_expert", 37, 4, 1, routing="one"),
-    Case("kE", 21, 4, 4),
-    # Several M-, N- and K-tiles on one expert, all ragged: 150 rows, H and F past one 128-block.
-    Case("multi_tile", 150, 3, 1, hidden=200, ffn=144, routing="one"),
-]
-CASE_IDS = [c.name for c in CASES]
 # The interpreter runs the backward GEMMs slowly: E = 16 with k = 4 once (one token, so twelve empty experts), then
 # empty experts, k = 1 on one expert and k = E.
-GRAD_CASES = [CASES[0], CASES[3], CASES[4], CASES[5]]
+GRAD_CASES = [BY_NAME[name] for name in ("T1_E16_k4", "empty_experts", "k1_one_expert", "kE")]
 
 
 def _routing(case: Case, device) -> Routing:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accuracy import EPS, assert_accurate, rel_err
+from moe_cases import BY_NAME, CASE_IDS, CASES, Case
 
 from dbrx_fast import reference
 from dbrx_fast.kernels.moe_experts_backward import moe_down_bwd, moe_down_wgrad, moe_up_dgrad, moe_up_wgrad
@@ -47,30 +48,6 @@ def _poison_allocations(monkeypatch):
     yield
     for buf in guarded:
         assert (buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all(), "a store went out of bounds"
-
-
-@dataclass
-class Case:
-    name: str
-    tokens: int
-    experts: int
-    top_k: int
-    hidden: int = 80
-    ffn: int = 48
-    routing: str = "random"  # "random", "skewed" (the upper half of the experts gets no token) or "one"
-
-
-CASES = [
-    Case("T37_E4_k2", 37, 4, 2),
-    Case("T1_E16_k4", 1, 16, 4),
-    Case("T37_E16_k4", 37, 16, 4),
-    Case("empty_experts", 37, 8, 2, routing="skewed"),
-    Case("k1_one_expert", 37, 4, 1, routing="one"),
-    Case("kE", 37, 4, 4),
-    # Several M-, N- and K-tiles, all ragged: 150 rows on one expert, H and F past one 128-block.
-    Case("multi_tile", 150, 3, 1, hidden=200, ffn=144, routing="one"),
-]
-CASE_IDS = [c.name for c in CASES]
 
 
 @dataclass
@@ -236,7 +213,7 @@ def _reference_grads(p: Problem, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=[CASES[2].name, CASES[3].name])
+@pytest.mark.parametrize("case", [BY_NAME["T37_E16_k4"], BY_NAME["empty_experts"]], ids=["T37_E16_k4", "empty_experts"])
 def test_backward_matches_reference_autograd(case, dtype, device):
     """The four launchers chained give the gradients of `reference.moe_experts` (which also checks this file's
     sorted-order chains against the oracle). Stock's error here is autograd of its own bf16 layer."""
@@ -258,7 +235,7 @@ def test_strided_inputs(device):
     """Weights as strided views of wider buffers, x a column slice, dout transposed, gate/up views of one buffer:
     the results are those of contiguous copies (bit for bit under the interpreter; on a GPU the strided launch is
     another specialization of the kernels, so a few ulps of bf16 are allowed)."""
-    p = _problem(CASES[0], torch.bfloat16, device)
+    p = _problem(BY_NAME["T37_E4_k2"], torch.bfloat16, device)
     pad = 16
 
     def widened(t):
@@ -289,7 +266,7 @@ def test_strided_inputs(device):
 
 def test_deterministic(device):
     """Two runs of every launcher agree bit for bit (no atomics; every sum in a fixed order)."""
-    p = _problem(CASES[2], torch.bfloat16, device)
+    p = _problem(BY_NAME["T37_E16_k4"], torch.bfloat16, device)
     first, second = _backward(p), _backward(p)
     for a, b in zip(first, second, strict=True):
         assert torch.isfinite(a).all()
@@ -311,7 +288,7 @@ def test_no_tokens(device):
 def test_corrupt_routing_stays_in_bounds(device):
     """Slots outside [0, T*k) and offsets that are unsorted, negative or past T*k give undefined gradients, but every
     launch finishes and no store leaves its buffer (the guard bands of the allocation fixture)."""
-    p = _problem(CASES[0], torch.float32, device)
+    p = _problem(BY_NAME["T37_E4_k2"], torch.float32, device)
     rows = p.sorted_slots.numel()
     p.sorted_slots[::5] = rows + 3
     p.sorted_slots[1::7] = -2
@@ -321,7 +298,7 @@ def test_corrupt_routing_stays_in_bounds(device):
 
 
 def test_bad_input(device):
-    p = _problem(CASES[0], torch.float32, device)
+    p = _problem(BY_NAME["T37_E4_k2"], torch.float32, device)
     args = (p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k)
 
     def down_bwd(**changes):
