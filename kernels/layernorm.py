@@ -185,6 +185,19 @@ def _bwd_chunk(dy_ptr, x_ptr, w, dy_offs, x_offs, mask, mean, rstd):
     return dy, (x - mean) * rstd, w * dy
 
 
+@triton.jit
+def _bwd_row_chunk(
+    dy_ptr, x_ptr, w_ptr, r, cols, n_cols, stride_dy_row, stride_x_row, mean, rstd, ALIGNED: tl.constexpr
+):
+    """Columns `cols` of row r, for the chunked backward's two passes: (offsets, mask, dy, xhat, g)."""
+    offs, mask = _hint(cols, cols < n_cols, ALIGNED)
+    dy_offs, _ = _hint(r * stride_dy_row + offs, mask, ALIGNED)
+    x_offs, _ = _hint(r * stride_x_row + offs, mask, ALIGNED)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy, xhat, g = _bwd_chunk(dy_ptr, x_ptr, w, dy_offs, x_offs, mask, mean, rstd)
+    return offs, mask, dy, xhat, g
+
+
 @triton.autotune(
     configs=pick(_configs(_BWD_PINNED_WARPS)), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_bwd}
 )
@@ -250,21 +263,17 @@ def _layernorm_bwd_kernel(
             sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
             sum_g_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_C):
-                offs, mask = _hint(start + cols, start + cols < n_cols, ALIGNED)
-                dy_offs, _ = _hint(r * stride_dy_row + offs, mask, ALIGNED)
-                x_offs, _ = _hint(r * stride_x_row + offs, mask, ALIGNED)
-                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dy, xhat, g = _bwd_chunk(dy_ptr, x_ptr, w, dy_offs, x_offs, mask, mean, rstd)
+                offs, mask, dy, xhat, g = _bwd_row_chunk(
+                    dy_ptr, x_ptr, w_ptr, r, start + cols, n_cols, stride_dy_row, stride_x_row, mean, rstd, ALIGNED
+                )
                 sum_g += g
                 sum_g_xhat += g * xhat
             mean_g = tl.sum(sum_g, axis=0) / n_cols
             mean_g_xhat = tl.sum(sum_g_xhat, axis=0) / n_cols
             for start in range(0, n_cols, BLOCK_C):
-                offs, mask = _hint(start + cols, start + cols < n_cols, ALIGNED)
-                dy_offs, _ = _hint(r * stride_dy_row + offs, mask, ALIGNED)
-                x_offs, _ = _hint(r * stride_x_row + offs, mask, ALIGNED)
-                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dy, xhat, g = _bwd_chunk(dy_ptr, x_ptr, w, dy_offs, x_offs, mask, mean, rstd)
+                offs, mask, dy, xhat, g = _bwd_row_chunk(
+                    dy_ptr, x_ptr, w_ptr, r, start + cols, n_cols, stride_dy_row, stride_x_row, mean, rstd, ALIGNED
+                )
                 dx = (g - mean_g - xhat * mean_g_xhat) * rstd
                 dx_offs, _ = _hint(r * stride_dx_row + offs, mask, ALIGNED)
                 tl.store(dx_ptr + dx_offs, dx.to(dx_ty), mask=mask)
