@@ -148,3 +148,35 @@ def test_import_makes_no_cuda_query(tmp_path):
     assert seen["at_import"] == [], f"CUDA queried while importing dbrx_fast: {seen['at_import']}"
     assert seen["after"] == ["is_available"], seen  # the trap works
     assert "dbrx_fast.kernels.registry" in seen["modules"] and "dbrx_fast.patch" in seen["modules"], seen["modules"]
+
+
+def test_unsupported_triton_is_refused_at_kernel_import(tmp_path):
+    # Triton's version is monkeypatched before the kernels are imported; the check reads it at import.
+    seen = _python(
+        """
+        import json
+        import sys
+
+        import triton
+
+        found = {}
+        for version in ("3.6.0", "3.10.0", "3.5.1"):
+            triton.__version__ = version
+            for name in [m for m in sys.modules if m.startswith("dbrx_fast")]:
+                del sys.modules[name]
+            try:
+                import dbrx_fast.kernels
+                found[version] = None
+            except ImportError as exc:
+                found[version] = str(exc)
+        # The package itself still imports (patch with backend="torch" needs no kernels); the last one refused.
+        import dbrx_fast
+
+        found["package"] = "dbrx_fast.kernels" not in sys.modules and hasattr(dbrx_fast, "patch")
+        print(json.dumps(found))
+        """,
+        cwd=tmp_path,
+    )
+    assert seen["3.6.0"] is None and seen["3.10.0"] is None, seen
+    assert "needs Triton >= 3.6, found 3.5.1" in seen["3.5.1"], seen
+    assert "backend='torch'" in seen["3.5.1"] and seen["package"], seen
