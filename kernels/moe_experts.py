@@ -23,68 +23,84 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick
 from .compile_spec import CompileSpec
+from .launch import launch
+from .moe_checks import TRITON_DTYPES, check_expert_weight, check_float, check_routing, check_top_k, check_weights
 from .moe_tiles import (
-    DBRX_FFN,
-    DBRX_HIDDEN,
-    DBRX_NUM_EXPERTS,
-    TRITON_DTYPES,
-    check_float,
-    check_routing,
-    describe,
+    autotuned_by_class,
+    config,
     dot,
+    gemm_class,
+    gemm_specs,
     grouped_tile,
+    kernel_spec,
     launched_m_tiles,
     num_m_tiles_upper_bound,
     tile_rows,
-    use_fp32_dot,
 )
 
 _COMBINE_BLOCK_H = 1024
 
 
-def _config(block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int):
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def _up_configs() -> dict[str, list]:
+    """Tiles per GEMM class (see moe_tiles.py) for the two-accumulator up kernel.
 
-
-def _up_configs() -> list:
-    """Tiles for the two-accumulator up kernel: large-T tiles first (the first is the pinned one), then decode tiles.
-
-    Each program holds two fp32 accumulators, so a BLOCK_M x BLOCK_N tile does the work of a BLOCK_M x 2*BLOCK_N
-    matmul tile: 128x64 and 64x128 here match the single-GEMM 128x128 class, while 128x128 spills (sm_80 and sm_90)
-    and BLOCK_N = 256 does not fit at all. Decode tiles keep BLOCK_M = 64, the smallest M-tile wgmma takes: with a
-    handful of tokens each chosen expert then has exactly one M-tile, so its weights are read once, and narrow N-tiles
-    with deep K-steps spread that read over many programs.
+    16 bits: large-T tiles first (the first is the pinned one), then decode tiles. Each program holds two fp32
+    accumulators, so a BLOCK_M x BLOCK_N tile does the work of a BLOCK_M x 2*BLOCK_N matmul tile: 128x64 and 64x128
+    here match the single-GEMM 128x128 class, while 128x128 spills (sm_80 and sm_90) and BLOCK_N = 256 does not fit at
+    all. Decode tiles keep BLOCK_M = 64, the smallest M-tile wgmma takes: with a handful of tokens each chosen expert
+    then has exactly one M-tile, so its weights are read once, and narrow N-tiles with deep K-steps spread that read
+    over many programs. tf32 and fp32_dot take the backward's tiles for its two-accumulator GEMMs.
     """
-    large = [
-        _config(128, 64, 64, 8, num_warps=8, num_stages=4),
-        _config(128, 64, 64, 8, num_warps=8, num_stages=3),
-        _config(64, 128, 64, 8, num_warps=8, num_stages=4),
-        _config(64, 128, 64, 8, num_warps=8, num_stages=3),
-        _config(64, 64, 64, 8, num_warps=4, num_stages=4),
-    ]
-    decode = [_config(64, 64, 128, 1, num_warps=4, num_stages=3), _config(64, 32, 128, 1, num_warps=4, num_stages=4)]
-    return large + decode
+    return {
+        "16bit": [
+            config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+            config(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
+        ],
+        "tf32": [
+            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        ],
+        "fp32_dot": [
+            config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+            config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+        ],
+    }
 
 
-def _down_configs() -> list:
-    """Tiles for the single-accumulator down kernel: large-T tiles first (the first is the pinned one), then decode
-    tiles as in `_up_configs`. 128x256 and 4-warp 128x128 / 64x256 spill on sm_80 (fp32 epilogue with the scatter)."""
-    large = [
-        _config(128, 128, 64, 8, num_warps=8, num_stages=4),
-        _config(128, 128, 64, 8, num_warps=8, num_stages=3),
-        _config(64, 256, 64, 8, num_warps=8, num_stages=4),
-        _config(64, 128, 64, 8, num_warps=4, num_stages=4),
-        _config(128, 64, 64, 8, num_warps=4, num_stages=4),
-    ]
-    decode = [_config(64, 64, 128, 1, num_warps=4, num_stages=4), _config(64, 32, 128, 1, num_warps=4, num_stages=4)]
-    return large + decode
+def _down_configs() -> dict[str, list]:
+    """Tiles per GEMM class for the single-accumulator down kernel. 16 bits: large-T tiles first (the first is the
+    pinned one), then decode tiles as in `_up_configs`; 128x256 and 4-warp 128x128 / 64x256 spill on sm_80 (fp32
+    epilogue with the scatter). tf32 and fp32_dot take the backward's tiles for its single-accumulator GEMM."""
+    return {
+        "16bit": [
+            config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
+            config(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
+        ],
+        "tf32": [
+            config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        ],
+        "fp32_dot": [
+            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+            config(4, 2, BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+        ],
+    }
 
 
-@triton.autotune(configs=pick(_up_configs()), key=["rows_bucket", "hidden", "ffn"])
-@triton.jit
+# The row count changes every call: not specialized (on 1 or on divisibility by 16), so a new length reuses the
+# compiled kernel. Its bucket only keys the autotuner.
+@triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_glu_up_fwd_kernel(
     x_ptr,
     w1_ptr,
@@ -153,8 +169,7 @@ def _moe_glu_up_fwd_kernel(
         tl.store(up_ptr + out_offs, acc_up.to(up_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=pick(_down_configs()), key=["rows_bucket", "hidden", "ffn"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_down_fwd_kernel(
     h_ptr,
     w2_ptr,
@@ -223,14 +238,8 @@ def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_weight(name: str, w: torch.Tensor, x: torch.Tensor, num_experts: int) -> int:
-    """Validates an expert weight [E*F, H] against x and returns F."""
-    check_float(name, w, x)
-    if w.dim() != 2 or w.shape[1] != x.shape[-1]:
-        raise ValueError(f"{name} must be [E*F, H] with H = {x.shape[-1]}, got {tuple(w.shape)}")
-    if w.shape[0] == 0 or w.shape[0] % num_experts:
-        raise ValueError(f"{name} has {w.shape[0]} rows, which is not a positive multiple of E = {num_experts}")
-    return w.shape[0] // num_experts
+_GLU_UP = autotuned_by_class(_moe_glu_up_fwd_kernel, _up_configs(), ["rows_bucket", "hidden", "ffn", "SAVE_PREACT"])
+_DOWN = autotuned_by_class(_moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn"])
 
 
 @torch.library.triton_op("dbrx_fast::moe_glu_up", mutates_args={})
@@ -253,8 +262,8 @@ def moe_glu_up(
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     num_rows = x.shape[0] * top_k
     sorted_slots, expert_offsets, num_experts = check_routing(sorted_slots, expert_offsets, top_k, num_rows, x.device)
-    ffn = _check_weight("w1", w1, x, num_experts)
-    if _check_weight("v1", v1, x, num_experts) != ffn:
+    ffn = check_expert_weight("w1", w1, x, "x", num_experts, hidden=x.shape[1])
+    if check_expert_weight("v1", v1, x, "x", num_experts, hidden=x.shape[1]) != ffn:
         raise ValueError(f"v1 {tuple(v1.shape)} and w1 {tuple(w1.shape)} must have the same shape")
 
     h = x.new_empty((num_rows, ffn))
@@ -266,7 +275,10 @@ def moe_glu_up(
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]),)
 
-    torch.library.wrap_triton(_moe_glu_up_fwd_kernel)[grid](
+    cls, fp32_dot = gemm_class(x.dtype)
+    launch(
+        _GLU_UP[cls],
+        grid,
         x,
         w1,
         v1,
@@ -288,7 +300,7 @@ def moe_glu_up(
         v1.stride(1),
         NUM_EXPERTS=num_experts,
         SAVE_PREACT=save_preact,
-        FP32_DOT=use_fp32_dot(x.dtype),
+        FP32_DOT=fp32_dot,
     )
     return h, gate, up
 
@@ -309,19 +321,11 @@ def moe_down(
     check_float("h", h)
     if h.dim() != 2:
         raise ValueError(f"h must be [T*k, F], got shape {tuple(h.shape)}")
-    if weights.dtype != torch.float32:
-        raise TypeError(f"weights must be float32, got {weights.dtype}")
-    if weights.device != h.device:
-        raise ValueError(f"weights is on {weights.device}, h on {h.device}")
-    if weights.dim() != 2 or weights.shape[1] != top_k:
-        raise ValueError(f"weights must be [T, k] with k = {top_k}, got shape {tuple(weights.shape)}")
-    num_rows = weights.shape[0] * top_k
+    num_rows = check_weights(weights, top_k, h.device) * top_k
     if h.shape[0] != num_rows:
         raise ValueError(f"h has {h.shape[0]} rows, expected T*k = {num_rows}")
     sorted_slots, expert_offsets, num_experts = check_routing(sorted_slots, expert_offsets, top_k, num_rows, h.device)
-    check_float("w2", w2, h, "h")
-    if w2.dim() != 2 or w2.shape[0] == 0 or w2.shape[0] % num_experts or w2.shape[0] // num_experts != h.shape[1]:
-        raise ValueError(f"w2 must be [E*F, H] with E = {num_experts}, F = {h.shape[1]}, got {tuple(w2.shape)}")
+    check_expert_weight("w2", w2, h, "h", num_experts, ffn=h.shape[1])
     ffn, hidden = h.shape[1], w2.shape[1]
 
     y = h.new_empty((num_rows, hidden), dtype=torch.float32)
@@ -331,7 +335,10 @@ def moe_down(
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
 
-    torch.library.wrap_triton(_moe_down_fwd_kernel)[grid](
+    cls, fp32_dot = gemm_class(h.dtype)
+    launch(
+        _DOWN[cls],
+        grid,
         h,
         w2,
         weights,
@@ -350,7 +357,7 @@ def moe_down(
         weights.stride(0),
         weights.stride(1),
         NUM_EXPERTS=num_experts,
-        FP32_DOT=use_fp32_dot(h.dtype),
+        FP32_DOT=fp32_dot,
     )
     return y
 
@@ -365,8 +372,7 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
         raise TypeError(f"y must be float32, got {y.dtype}")
     if out_dtype not in TRITON_DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    check_top_k(top_k)
     if y.dim() != 2 or y.shape[0] % top_k:
         raise ValueError(f"y must be [T*k, H] with k = {top_k}, got shape {tuple(y.shape)}")
     y = y.contiguous()
@@ -375,76 +381,17 @@ def moe_combine(y: torch.Tensor, top_k: int, out_dtype: torch.dtype) -> torch.Te
     if num_tokens == 0 or hidden == 0:
         return out
     grid = (num_tokens, triton.cdiv(hidden, _COMBINE_BLOCK_H))
-    torch.library.wrap_triton(_moe_combine_kernel)[grid](y, out, hidden, top_k, BLOCK_H=_COMBINE_BLOCK_H, num_warps=4)
+    launch(_moe_combine_kernel, grid, y, out, hidden, top_k, BLOCK_H=_COMBINE_BLOCK_H, num_warps=4)
     return out
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (dtype, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors (see DBRX_HIDDEN
-    in moe_tiles.py)."""
-    specs = []
-    for dtype in ("bf16", "fp16"):
-        for cfg in _up_configs():
-            for save in (True, False):
-                specs.append(
-                    CompileSpec(
-                        name=f"moe_glu_up {dtype} SAVE_PREACT={save} {describe(cfg)}",
-                        kernel=_moe_glu_up_fwd_kernel.fn,
-                        signature={
-                            **dict.fromkeys(("x_ptr", "w1_ptr", "v1_ptr", "h_ptr", "gate_ptr", "up_ptr"), f"*{dtype}"),
-                            **dict.fromkeys(("sorted_slots_ptr", "expert_offsets_ptr"), "*i32"),
-                            **dict.fromkeys(("num_rows", "rows_bucket", "top_k"), "i32"),
-                        },
-                        constexprs={
-                            "hidden": DBRX_HIDDEN,
-                            "ffn": DBRX_FFN,
-                            **dict.fromkeys(("stride_x_t", "stride_w1_r", "stride_v1_r"), DBRX_HIDDEN),
-                            **dict.fromkeys(("stride_x_h", "stride_w1_h", "stride_v1_h"), 1),
-                            "NUM_EXPERTS": DBRX_NUM_EXPERTS,
-                            "SAVE_PREACT": save,
-                            "FP32_DOT": False,
-                            **cfg.kwargs,
-                        },
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        matrix=True,
-                    )
-                )
-        for cfg in _down_configs():
-            specs.append(
-                CompileSpec(
-                    name=f"moe_down {dtype} {describe(cfg)}",
-                    kernel=_moe_down_fwd_kernel.fn,
-                    signature={
-                        "h_ptr": f"*{dtype}",
-                        "w2_ptr": f"*{dtype}",
-                        "weights_ptr": "*fp32",
-                        **dict.fromkeys(("sorted_slots_ptr", "expert_offsets_ptr"), "*i32"),
-                        "y_ptr": "*fp32",
-                        **dict.fromkeys(("num_rows", "rows_bucket", "top_k", "stride_weights_t"), "i32"),
-                    },
-                    constexprs={
-                        "hidden": DBRX_HIDDEN,
-                        "ffn": DBRX_FFN,
-                        "stride_h_r": DBRX_FFN,
-                        "stride_w2_r": DBRX_HIDDEN,
-                        **dict.fromkeys(("stride_h_f", "stride_w2_h", "stride_weights_k"), 1),
-                        "NUM_EXPERTS": DBRX_NUM_EXPERTS,
-                        "FP32_DOT": False,
-                        **cfg.kwargs,
-                    },
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    matrix=True,
-                )
-            )
-        specs.append(
-            CompileSpec(
-                name=f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}",
-                kernel=_moe_combine_kernel,
-                signature={"y_ptr": "*fp32", "out_ptr": f"*{dtype}", "top_k": "i32"},
-                constexprs={"hidden": DBRX_HIDDEN, "BLOCK_H": _COMBINE_BLOCK_H},
-                num_warps=4,
-            )
-        )
+    """Every (GEMM class, dtype, mode, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors
+    (see `launch_args` in moe_tiles.py), and the combine in every output dtype."""
+    save_preact = ({"SAVE_PREACT": True}, {"SAVE_PREACT": False})
+    specs = gemm_specs("moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), variants=save_preact)
+    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), ("weights_ptr", "y_ptr"))
+    for dtype in TRITON_DTYPES.values():
+        name = f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}"
+        specs.append(kernel_spec(name, _moe_combine_kernel, dtype, ("y_ptr",), 4, BLOCK_H=_COMBINE_BLOCK_H))
     return specs

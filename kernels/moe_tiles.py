@@ -1,4 +1,4 @@
-"""What the grouped-GEMM MoE kernels (kernels/moe_experts.py and kernels/moe_experts_backward.py) share.
+"""What the grouped-GEMM MoE kernels (kernels/moe_experts.py, moe_input_grads.py, moe_weight_grads.py) share.
 
 Mapping of a grouped GEMM's M-tiles onto experts. Rows are in "sorted order": expert e owns rows
 expert_offsets[e]:expert_offsets[e+1] of a [T*k, ...] operand. Each expert's rows are cut into cdiv(count_e, BLOCK_M)
@@ -6,19 +6,22 @@ tiles, experts in ascending order, so tile boundaries never cross experts. The h
 synchronisation, so a decode step stays CUDA-graph capturable): the launch grid is the upper bound from
 `num_m_tiles_upper_bound` (`launched_m_tiles` inside a kernel), and a program whose tile index lies past the last real
 tile gets expert -1 and returns. `expert_tile` finds a tile's expert and rows, `tile_rows` adds their slots and mask,
-and `grouped_tile` orders the (M-tile, N-tile) programs for L2 reuse.
+and `grouped_tile` orders the (M-tile, N-tile) programs for L2 reuse. The weight-gradient kernels instead walk one
+expert's rows (`expert_rows`) in chunks (`chunk_rows`).
 
-Also shared: `dot` and `use_fp32_dot` (when and how the GEMMs multiply in full fp32), the launchers' checks
-`check_float` and `check_routing`, and for the compile specs DBRX's sizes and `describe`.
+Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, and the compile-spec builder
+`gemm_specs` / `kernel_spec` at DBRX's sizes.
 """
 
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+from .autotune import autotune
+from .compile_spec import CompileSpec
 
 # DBRX's sizes, fixed in the compile specs. A launch specializes every integer argument divisible by 16 (hidden, ffn
 # and the row strides at DBRX's shapes) and every one equal to 1 (inner strides), which proves the rows 16-byte
@@ -96,6 +99,31 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def expert_rows(expert_offsets_ptr, expert, num_rows):
+    """Sorted rows [row_start, row_end) of `expert`, clamped to [0, num_rows) so corrupt offsets cannot move a load
+    out of bounds or make the row loop run past the operands."""
+    row_start = tl.maximum(tl.load(expert_offsets_ptr + expert), 0)
+    row_end = tl.minimum(tl.load(expert_offsets_ptr + expert + 1), num_rows)
+    return row_start, row_end
+
+
+@triton.jit
+def chunk_rows(p0, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M: tl.constexpr):
+    """Rows p0:p0+BLOCK_M of an expert: (slots, tokens as int64, mask of real rows with a valid slot)."""
+    rows = p0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    row_mask &= (slots >= 0) & (slots < num_rows)
+    return slots, (slots // top_k).to(tl.int64), row_mask
+
+
+# GEMM classes. Each kernel has its tiles per class, one autotuner each (`autotuned_by_class`): "16bit" (fp16 and bf16
+# on tensor cores), "tf32" (fp32 on tensor cores, twice the shared memory a tile) and "fp32_dot" (FP32_DOT: full-fp32
+# dots on CUDA cores, whose operands live in registers, so small tiles). The pinned config of each class comes first.
+GEMM_CLASS_DTYPES = {"16bit": ("bf16", "fp16"), "tf32": ("fp32",), "fp32_dot": ("fp32",)}
+
+
+@triton.jit
 def dot(a, b, acc, FP32_DOT: tl.constexpr):
     """acc + a @ b. FP32_DOT multiplies in full fp32: for fp32 inputs when TF32 is not allowed, and under the Triton
     interpreter, whose bf16 tl.dot is wrong."""
@@ -104,45 +132,101 @@ def dot(a, b, acc, FP32_DOT: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-def use_fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether the GEMMs must multiply in full fp32 (see `dot`): the FP32_DOT meta-parameter of a launch on `dtype`."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+def gemm_class(dtype: torch.dtype) -> tuple[str, bool]:
+    """(GEMM class, FP32_DOT) of a launch on `dtype` tensors, forward and backward alike (see `dot`)."""
+    fp32_dot = os.environ.get("TRITON_INTERPRET") == "1" or (
+        dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    )
+    if dtype != torch.float32:
+        return "16bit", fp32_dot
+    return ("fp32_dot" if fp32_dot else "tf32"), fp32_dot
 
 
-def check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "x") -> None:
-    """t is fp16, bf16 or fp32 (float64 raises TypeError so that callers fall back to torch), and has the dtype and
-    device of `like` when given."""
-    if t.dtype == torch.float64:
-        raise TypeError(f"{name} is float64, which the MoE kernels do not support; use the torch reference path")
-    if t.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if like is not None and (t.dtype != like.dtype or t.device != like.device):
-        raise TypeError(f"{name} ({t.dtype}, {t.device}) must match {like_name} ({like.dtype}, {like.device})")
+def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-def check_routing(
-    sorted_slots: torch.Tensor, expert_offsets: torch.Tensor, top_k: int, num_rows: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validates the dispatch metadata; returns it contiguous (a no-op for the router's output) and E."""
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    for name, t in (("sorted_slots", sorted_slots), ("expert_offsets", expert_offsets)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if sorted_slots.numel() != num_rows:
-        raise ValueError(f"sorted_slots has {sorted_slots.numel()} entries, expected T*k = {num_rows}")
-    if expert_offsets.numel() < 2:
-        raise ValueError(f"expert_offsets must have E+1 >= 2 entries, got {expert_offsets.numel()}")
-    return sorted_slots.contiguous(), expert_offsets.contiguous(), expert_offsets.numel() - 1
+def autotuned_by_class(kernel, configs: dict[str, list], key: list[str]) -> dict[str, object]:
+    """One autotuner per GEMM class over the same @triton.jit kernel, each with its class's tiles (pinned to the
+    first under the interpreter or DBRX_FAST_AUTOTUNE=0)."""
+    return {cls: autotune(cfgs, key=key)(kernel) for cls, cfgs in configs.items()}
 
 
 def describe(cfg: triton.Config) -> str:
     """An autotune config as it appears in a compile spec's name: its meta-parameters, warps and stages."""
     meta = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
     return f"{meta} warps={cfg.num_warps} stages={cfg.num_stages}"
+
+
+def launch_args(kernel, dtype: str, fp32_ptrs: tuple[str, ...] = ()) -> tuple[dict[str, str], dict[str, object]]:
+    """(signature, constexprs) of the @triton.jit `kernel` at DBRX's shapes with contiguous tensors.
+
+    Pointers: the routing metadata int32, those named in fp32_ptrs float32, the others in `dtype`. Sizes and strides
+    are fixed at DBRX's values (see DBRX_HIDDEN): hidden, ffn and row strides 6144 or 10752, inner strides 1. What
+    stays a plain i32 varies with the batch: the row count, its bucket, k and the routing weights' row stride.
+    NUM_EXPERTS is DBRX's; the other constexprs are the caller's.
+    """
+    signature, constexprs = {}, {}
+    # The Python function's own parameters: the JIT and interpreter wrappers describe them differently.
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if param.annotation is tl.constexpr:
+            if name == "NUM_EXPERTS":
+                constexprs[name] = DBRX_NUM_EXPERTS
+        elif name in ("sorted_slots_ptr", "expert_offsets_ptr"):
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
+        elif name in ("hidden", "stride_dout_t", "stride_x_t", "stride_w1_r", "stride_v1_r", "stride_w2_r"):
+            constexprs[name] = DBRX_HIDDEN
+        elif name in ("ffn", "stride_h_r", "stride_gate_p", "stride_up_p", "stride_dgate_p", "stride_dup_p"):
+            constexprs[name] = DBRX_FFN
+        elif name.startswith("stride_") and name[-2:] in ("_h", "_f", "_k"):
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+    return signature, constexprs
+
+
+def gemm_specs(
+    name: str,
+    kernel,
+    configs: dict[str, list],
+    fp32_ptrs: tuple[str, ...] = (),
+    fixed: dict | None = None,
+    variants: tuple[dict, ...] = ({},),
+) -> list[CompileSpec]:
+    """A CompileSpec per (GEMM class, dtype of the class, variant, config) of a grouped-GEMM kernel (see
+    `launch_args`); `fixed` holds constexprs every launch passes, `variants` the alternatives a launcher can take
+    (SAVE_PREACT on and off, say). fp32_dot specs run no tensor cores, so they need no wgmma."""
+    specs = []
+    for cls, class_configs in configs.items():
+        for dtype in GEMM_CLASS_DTYPES[cls]:
+            signature, sizes = launch_args(kernel, dtype, fp32_ptrs)
+            sizes = {**sizes, **(fixed or {}), "FP32_DOT": cls == "fp32_dot"}
+            for variant in variants:
+                label = " ".join((name, dtype, cls, *(f"{k}={v}" for k, v in variant.items())))
+                for cfg in class_configs:
+                    specs.append(
+                        CompileSpec(
+                            name=f"{label} {describe(cfg)}",
+                            kernel=kernel,
+                            signature=signature,
+                            constexprs={
+                                **sizes,
+                                **(fixed or {}),
+                                **variant,
+                                "FP32_DOT": cls == "fp32_dot",
+                                **cfg.kwargs,
+                            },
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            matrix=cls != "fp32_dot",
+                        )
+                    )
+    return specs
+
+
+def kernel_spec(name: str, kernel, dtype: str, fp32_ptrs: tuple[str, ...], num_warps: int, **meta) -> CompileSpec:
+    """The CompileSpec of a launch of a kernel without autotune configs (see `launch_args`)."""
+    signature, sizes = launch_args(kernel, dtype, fp32_ptrs)
+    return CompileSpec(name=name, kernel=kernel, signature=signature, constexprs={**sizes, **meta}, num_warps=num_warps)
