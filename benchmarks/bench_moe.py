@@ -17,6 +17,7 @@ Decode rows (T <= 16) also report GB/s counting the bytes of the chosen experts'
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_moe.py): make `benchmarks` importable
@@ -153,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, help="k (default 4; 2 with --smoke)")
     p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, one repetition: checks the plumbing")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
     p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
     p.add_argument("--seed", type=int, default=0)
@@ -168,6 +169,8 @@ def parse_args(argv=None):
         args.tokens = [int(t) for item in args.tokens for t in item.split(",") if t]
     if any(t < 1 for t in args.tokens):
         p.error("--tokens must be positive")
+    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
+        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
     args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
 

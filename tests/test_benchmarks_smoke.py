@@ -6,7 +6,9 @@ import json
 import math
 import os
 import runpy
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,115 @@ def test_script_entry_point_and_report(benchmarks, tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert report.main([str(tmp_path), "--no-plots"]) == 0
     assert "| 3 | torch_grouped |" in capsys.readouterr().out
+
+
+def test_smoke_writes_outside_the_tracked_results_unless_asked(benchmarks, tmp_path):
+    bench_moe, harness, _ = benchmarks
+    default = bench_moe.parse_args(["--smoke"]).out
+    assert default is not None and harness.DEFAULT_OUT.resolve() not in (default.resolve(), *default.resolve().parents)
+    assert bench_moe.parse_args(["--smoke", "--out", str(tmp_path)]).out == tmp_path
+    assert bench_moe.parse_args(["--tokens", "1"]).out is None  # a real run: benchmarks/results
+
+
+def test_git_commit_stamp_can_be_given(benchmarks, monkeypatch):
+    _, harness, _ = benchmarks
+    monkeypatch.setenv("DBRX_FAST_GIT_COMMIT", "0123456789ab")
+    assert harness.git_commit() == "0123456789ab"
+
+
+# ---- benchmarks/gpu_check.py: the one command for a lent GPU --------------------------------------------------------
+
+
+def _bare_python(tmp_path: Path) -> Path:
+    """A Python that sees this environment's packages (torch, triton, transformers) but not its dbrx_fast install,
+    as the GPU image's python3 does: a fresh venv whose one .pth names this site-packages as a plain path (so the
+    editable install's own .pth, which maps dbrx_fast here, is never run)."""
+    import sysconfig
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False, symlinks=True)
+    python = tmp_path / "bare" / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def test_gpu_check_dry_run_without_install(tmp_path):
+    """The whole gpu-check on the CPU (--dry-run: collect the GPU tier, bench_moe --smoke with the Triton provider
+    interpreted) from a Python where dbrx_fast is not installed and pip is not used: the overlay must serve every
+    stage, and what comes back fits the device tool (at most 8 files, at most 2 folders down)."""
+    python = _bare_python(tmp_path)
+    lacks = subprocess.run([str(python), "-c", "import dbrx_fast.kernels"], cwd=tmp_path, capture_output=True)
+    assert lacks.returncode != 0, "the bare Python should not see the dbrx_fast install"
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    done = subprocess.run(
+        [str(python), str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out), "--dry-run", "--commit", "abc"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu-check: OK") and "setup: ok, overlay" in summary, summary
+    assert done.stdout.rstrip().endswith("summary.txt"), "the summary is printed last"
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all(len(p.parts) <= 3 for p in files), files
+    assert {"env.txt", "tests.log", "junit.xml", "bench.log", "report.md", "summary.txt"} <= {str(p) for p in files}
+    assert "tests collected" in (out / "tests.log").read_text()
+    rows = _read_rows(out / "results")
+    assert {r["provider"]: r["status"] for r in rows} == {"torch_grouped": "ok", "dbrx_fast": "ok"}
+    assert {r["git_commit"] for r in rows} == {"abc"}
+    assert "| 3 | dbrx_fast |" in (out / "report.md").read_text()
+
+
+def test_gpu_check_goes_on_after_a_failure_and_exits_nonzero(tmp_path, monkeypatch, capsys):
+    """Failing tests do not stop the benchmark; a stage past its cap is stopped with the processes it started; any
+    failure makes the exit status non-zero. (The stages' commands are stand-ins here: this is the orchestration.)"""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import gpu_check
+
+    grandchild = tmp_path / "grandchild.pid"
+    stand_ins = {
+        "pytest": "import sys; print('1 failed'); sys.exit(3)",
+        "benchmarks.bench_moe": (
+            "import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(grandchild)!r}, 'w').write(str(p.pid)); time.sleep(120)"
+        ),
+        "benchmarks.report": "print('report')",
+    }
+    ran = []
+
+    def python(*args):
+        ran.append(args[1])
+        return [sys.executable, "-c", stand_ins[args[1]]]
+
+    found = {"dbrx_fast": "", "kernels": "", "cuda": True, "device": "NVIDIA Fake", "torch_cuda": "13.0", "devices": 1}
+    monkeypatch.setattr(gpu_check, "python", python)
+    monkeypatch.setattr(gpu_check, "set_up", lambda check, **kw: check.record("setup", True, "stand-in", 0) and found)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--bench-timeout", "5", "--workers", "0"]) == 1
+    assert ran == ["pytest", "benchmarks.bench_moe", "benchmarks.report"]
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu-check: FAILED: tests, bench\n"), summary
+    assert "stage tests: FAILED, exit 3" in summary and "stage bench: FAILED, stopped at its 5 s cap" in summary
+    assert "1 failed" in (out / "tests.log").read_text()
+    pid = int(grandchild.read_text())
+    for _ in range(50):  # the killed group's orphan is reaped by init shortly after
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {pid}, started by the stopped stage, still runs")
+    assert capsys.readouterr().out.rstrip().endswith("summary.txt")
