@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick
+from .autotune import autotune
 from .compile_spec import CompileSpec
+from .launch import launch
 
 # Widest chunk of a row: the forward's, and the backward's one-chunk row when its rows are 16-element aligned.
 MAX_BLOCK_C = 8192
@@ -99,9 +100,8 @@ def _rstd(sum_sq, n_cols, eps):
     return 1.0 / tl.math.sqrt_rn(sum_sq / n_cols + eps)
 
 
-@triton.autotune(
-    configs=pick(_configs(_FWD_PINNED_WARPS)), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_fwd}
-)
+# The number of rows is the grid, not an argument: a new one compiles nothing.
+@autotune(_configs(_FWD_PINNED_WARPS), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _layernorm_fwd_kernel(
     x_ptr,
@@ -198,10 +198,10 @@ def _bwd_row_chunk(
     return offs, mask, dy, xhat, g
 
 
-@triton.autotune(
-    configs=pick(_configs(_BWD_PINNED_WARPS)), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_bwd}
-)
-@triton.jit
+# The row counts change with every batch and only bound loops: not specialised on, so that a new count (1 in a decode
+# step) compiles nothing.
+@autotune(_configs(_BWD_PINNED_WARPS), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _layernorm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -320,7 +320,9 @@ def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
-    torch.library.wrap_triton(_layernorm_fwd_kernel)[(n_rows,)](
+    launch(
+        _layernorm_fwd_kernel,
+        (n_rows,),
         x2,
         weight,
         y,
@@ -369,7 +371,9 @@ def layernorm_bwd(
         return dx, torch.zeros_like(weight)
     programs = _bwd_programs(x.device, n_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_layernorm_bwd_kernel)[(programs,)](
+    launch(
+        _layernorm_bwd_kernel,
+        (programs,),
         dy2,
         x2,
         weight,

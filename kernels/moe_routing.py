@@ -19,7 +19,12 @@ so the choice does not depend on how exp rounds or underflows: experts whose fp3
 still ranked by logit, as a float64 softmax would rank them. Equal logits go to the lowest expert index first, as
 `torch.sort(logits, descending=True, stable=True)` orders them; torch.topk leaves the order of equal values
 unspecified (on the CPU it often returns a higher index first, and CPU and CUDA disagree; pytorch/pytorch#127196).
-A NaN logit ranks above every number, as NaN does in torch.topk, and gives NaN weights.
+
+NaN and inf, the same on a GPU and under the interpreter: a NaN logit ranks above every number (+inf included), as
+torch.sort ranks it, and the ranking compares integer keys, so no float max's NaN rule enters it. A token whose
+logits hold a NaN or +inf, or are all -inf, gets NaN weights (a NaN numerator, from NaN or inf - inf, makes its
+softmax sum NaN), NaN logit gradients and valid expert ids in [0, E); a -inf logit among finite ones is only a
+probability of 0. Every float reduction runs along one token's row, so no other token's routing changes.
 
 Backward (`route_bwd`, one launch): recomputes the fp32 softmax from the logits rather than saving [T, E]
 probabilities. With w_m = p[e_m], N = ||w||_p and wn = w / N:
@@ -32,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick
+from .autotune import autotune
 from .compile_spec import CompileSpec
+from .launch import launch
 
 
 class Routing(NamedTuple):
@@ -55,6 +61,9 @@ _SCAN_BLOCK_P = 64
 _SCAN_BLOCK_C = 32
 # Elements of the scatter kernel's [BLOCK_S, BLOCK_E] comparison tile.
 _SCATTER_TILE = 4096
+# Ranking keys (see _rank_key): a logit's key lies in [-0x7F800000, 0x7F800000] (-inf to +inf), NaN's above it.
+_NAN_KEY = tl.constexpr(0x7FFFFFFF)
+_TAKEN_KEY = tl.constexpr(-0x7FFFFFFF)
 # How normalize_p reaches the kernels: NORM_NONE skips the division; 1 and 2 have exact closed forms.
 NORM_NONE, NORM_L1, NORM_L2, NORM_LP = 0, 1, 2, 3
 
@@ -98,8 +107,25 @@ def _load_logits(logits_ptr, rows, cols, row_mask, col_mask, stride_l_t, stride_
 
 
 @triton.jit
+def _rank_key(logits):
+    """Integer keys of fp32 logits, ordered as the logits are: sign times the magnitude bits (so -0.0 ties +0.0),
+    and NaN above +inf, as torch.sort and torch.topk rank it.
+
+    The ranking takes integer max and min, exact on every backend: it never meets a float max, whose NaN rule differs
+    (the GPU's max.f32 ignores a NaN operand)."""
+    bits = logits.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    key = tl.where(bits < 0, -magnitude, magnitude)
+    return tl.where(magnitude > 0x7F800000, _NAN_KEY, key)
+
+
+@triton.jit
 def _softmax(logits):
-    """Row softmax of a [BLOCK_T, BLOCK_E] fp32 tile, the row maximum subtracted (as torch.softmax does)."""
+    """Row softmax of a [BLOCK_T, BLOCK_E] fp32 tile, the row maximum subtracted (as torch.softmax does).
+
+    The row max ignores NaN on a GPU (max.f32) and in the interpreter (np.nanmax) alike, and the result does not depend
+    on it: a NaN logit gives a NaN numerator, so a NaN row sum and every probability of the row NaN.
+    """
     num = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     return num / tl.sum(num, axis=1)[:, None]
 
@@ -109,6 +135,7 @@ def _pnorm(w, norm_p, NORM: tl.constexpr):
     """p-norm of each row of w [BLOCK_T, BLOCK_E] (non-negative, zero off the chosen experts), as torch.norm.
 
     The general p scales by the row maximum first, so that w^p neither underflows for large p nor loses the sum.
+    The NaN weights of a NaN row stay NaN whatever that maximum's NaN rule makes of the norm: their numerator is NaN.
     """
     if NORM == 1:
         norm = tl.sum(w, axis=1)
@@ -123,8 +150,8 @@ def _pnorm(w, norm_p, NORM: tl.constexpr):
     return norm
 
 
-@triton.autotune(configs=pick(_configs()), key=["num_experts", "top_k"])
-@triton.jit
+@autotune(_configs(), key=["num_experts", "top_k"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def _route_fwd_kernel(
     logits_ptr,
     weights_ptr,
@@ -151,18 +178,17 @@ def _route_fwd_kernel(
     probs = _softmax(logits)
 
     # Rank by logit: softmax is monotone, so this is the exact order of the probabilities, whatever exp's rounding
-    # or underflow makes of them; NaN ranks first, as in torch.topk. Equal keys go to the lowest index, so a real
-    # expert at -inf still comes before the padded ones, and k <= E never reaches those.
-    key = tl.where(logits == logits, logits, float("inf"))
+    # or underflow makes of them. Equal keys go to the lowest index, so a real expert at -inf still comes before the
+    # padded ones, and k <= E never reaches those. A taken expert's key drops below every logit's.
+    key = _rank_key(logits)
     # slot_j[t, e] = j if expert e is token t's j-th choice, else -1.
     slot_j = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)
     for j in range(top_k):
         best = tl.max(key, axis=1)
-        candidate = (key == best[:, None]) & (slot_j < 0)
-        pick_e = tl.min(tl.where(candidate, cols[None, :], BLOCK_E), axis=1)
+        pick_e = tl.min(tl.where(key == best[:, None], cols[None, :], BLOCK_E), axis=1)
         hit = cols[None, :] == pick_e[:, None]
         slot_j = tl.where(hit, j, slot_j)
-        key = tl.where(hit, float("-inf"), key)
+        key = tl.where(hit, _TAKEN_KEY, key)
 
     # Rows past T choose too (their logits read as zeros), which keeps their norm finite; they are never stored.
     weights = tl.where(slot_j >= 0, probs, 0.0)
@@ -180,7 +206,7 @@ def _route_fwd_kernel(
     tl.store(hist_ptr + pid.to(tl.int64) * num_experts + cols, tl.sum(taken, axis=0), mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])
 def _route_scan_kernel(hist_ptr, counts_ptr, num_blocks, num_experts, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """hist [blocks, E] -> per expert, the exclusive running sum over blocks (in place); counts [E] = column sums."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -196,7 +222,7 @@ def _route_scan_kernel(hist_ptr, counts_ptr, num_blocks, num_experts, BLOCK_P: t
     tl.store(counts_ptr + cols, running, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _route_scatter_kernel(
     ids_ptr,
     rank_ptr,
@@ -234,8 +260,8 @@ def _route_scatter_kernel(
     tl.store(sorted_slots_ptr + start + base + rank, slots.to(tl.int32), mask=slot_mask)
 
 
-@triton.autotune(configs=pick(_configs()), key=["num_experts", "top_k"])
-@triton.jit
+@autotune(_configs(), key=["num_experts", "top_k"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def _route_bwd_kernel(
     grad_weights_ptr,
     logits_ptr,
@@ -318,8 +344,8 @@ def _check_top_k_p(top_k: int, num_experts: int, normalize_p: float | None) -> N
         raise ValueError(f"normalize_p must be None or a finite p > 0, got {normalize_p}")
 
 
-@torch.library.triton_op("dbrx_fast::moe_route", mutates_args={})
-def _route(
+@torch.library.triton_op("dbrx_fast::moe_route_fwd", mutates_args={})
+def _route_fwd(
     router_logits: torch.Tensor, top_k: int, normalize_p: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_logits(router_logits)
@@ -341,7 +367,9 @@ def _route(
     rank = torch.empty(num_tokens * top_k, dtype=torch.int32, device=device)
     hist = torch.empty((num_blocks, num_experts), dtype=torch.int32, device=device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    torch.library.wrap_triton(_route_fwd_kernel)[(num_blocks,)](
+    launch(
+        _route_fwd_kernel,
+        (num_blocks,),
         router_logits,
         weights,
         expert_ids,
@@ -357,11 +385,21 @@ def _route(
         BLOCK_T=block_t,
         BLOCK_E=block_e,
     )
-    torch.library.wrap_triton(_route_scan_kernel)[(triton.cdiv(num_experts, _SCAN_BLOCK_C),)](
-        hist, counts, num_blocks, num_experts, BLOCK_P=_SCAN_BLOCK_P, BLOCK_C=_SCAN_BLOCK_C, num_warps=4
+    launch(
+        _route_scan_kernel,
+        (triton.cdiv(num_experts, _SCAN_BLOCK_C),),
+        hist,
+        counts,
+        num_blocks,
+        num_experts,
+        BLOCK_P=_SCAN_BLOCK_P,
+        BLOCK_C=_SCAN_BLOCK_C,
+        num_warps=4,
     )
     block_s = _block_s(block_e)
-    torch.library.wrap_triton(_route_scatter_kernel)[(triton.cdiv(num_tokens * top_k, block_s),)](
+    launch(
+        _route_scatter_kernel,
+        (triton.cdiv(num_tokens * top_k, block_s),),
         expert_ids,
         rank,
         hist,
@@ -379,11 +417,11 @@ def _route(
     return weights, expert_ids, sorted_slots, expert_offsets
 
 
-def route(router_logits: torch.Tensor, top_k: int, normalize_p: float | None) -> Routing:
+def route_fwd(router_logits: torch.Tensor, top_k: int, normalize_p: float | None) -> Routing:
     """Route T tokens: softmax of router_logits [T, E] in fp32, top-k (ties to the lower expert), weights divided by
     their p-norm (none when normalize_p is None), and the dispatch metadata. Not differentiable: see ops/routing.py.
     """
-    return Routing(*_route(router_logits, top_k, normalize_p))
+    return Routing(*_route_fwd(router_logits, top_k, normalize_p))
 
 
 @torch.library.triton_op("dbrx_fast::moe_route_bwd", mutates_args={})
@@ -416,7 +454,9 @@ def route_bwd(
         return grad_logits
     block_e = _block_e(num_experts)
     block_t = _block_t(block_e, _BWD_TILE)
-    torch.library.wrap_triton(_route_bwd_kernel)[(triton.cdiv(num_tokens, block_t),)](
+    launch(
+        _route_bwd_kernel,
+        (triton.cdiv(num_tokens, block_t),),
         grad_weights,
         router_logits,
         expert_ids,

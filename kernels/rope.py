@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import pick
+from .autotune import autotune
 from .compile_spec import CompileSpec
+from .launch import launch
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,9 +60,12 @@ def _rotate_tile(
 
 
 # seq_len is left out of the key on purpose: generation changes it at every step, and tuning again for every prompt
-# length would cost far more than a better config saves on this memory-bound kernel.
-@triton.autotune(configs=pick(_configs()), key=["n_heads_q", "n_heads_k", "HEAD_DIM"])
-@triton.jit
+# length would cost far more than a better config saves on this memory-bound kernel. For the same reason it is not
+# specialised on (a decode step's seq_len = 1 would otherwise compile a kernel of its own): it only bounds a mask.
+# The strides keep their specialisation, which vectorises the loads: those that change with seq_len are multiples
+# of HEAD_DIM, so from HEAD_DIM = 16 on their divisibility by 16, and with it the compiled kernel, stays the same.
+@autotune(_configs(), key=["n_heads_q", "n_heads_k", "HEAD_DIM"])
+@triton.jit(do_not_specialize=["seq_len"])
 def _rope_kernel(
     q_ptr,
     k_ptr,
@@ -191,7 +195,9 @@ def rope(
             batch,
         )
 
-    torch.library.wrap_triton(_rope_kernel)[grid](
+    launch(
+        _rope_kernel,
+        grid,
         q,
         k,
         cos,

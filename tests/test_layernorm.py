@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accuracy import assert_accurate
+from specialization import compiled_variants, unspecialised
 
 from dbrx_fast import reference
 from dbrx_fast.kernels import layernorm as kernels
+from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.layernorm import layernorm_bwd, layernorm_fwd
 from dbrx_fast.ops.layernorm import layer_norm
 
@@ -227,3 +229,24 @@ def test_custom_ops_pass_opcheck(device):
     torch.library.opcheck(torch.ops.dbrx_fast.layernorm_fwd.default, (x, weight, EPS))
     _, mean, rstd = layernorm_fwd(x, weight, EPS)
     torch.library.opcheck(torch.ops.dbrx_fast.layernorm_bwd.default, (grad_y, x, weight, mean, rstd))
+
+
+def test_row_counts_are_not_specialised():
+    """The row counts change with every batch and only bound loops: not specialised on (the forward takes its rows
+    from the grid)."""
+    assert unspecialised(kernels._layernorm_fwd_kernel) == set()
+    assert unspecialised(kernels._layernorm_bwd_kernel) == {"n_rows", "rows_per_program"}
+
+
+@pytest.mark.gpu
+def test_new_row_counts_compile_nothing(device):
+    """A decode step (one row) and batches of any size share one compiled forward and backward (per config)."""
+    fwd, bwd = kernels._layernorm_fwd_kernel, kernels._layernorm_bwd_kernel
+    counts = []
+    with forced_config(fwd, fwd.all_configs[0]), forced_config(bwd, bwd.all_configs[0]):
+        for n_rows in (1, 5, 33, 1000):
+            x, weight, grad_y = make_inputs((n_rows, 6144), torch.bfloat16, device, row_pad=0)
+            _, mean, rstd = layernorm_fwd(x, weight, EPS)
+            layernorm_bwd(grad_y, x, weight, mean, rstd)
+            counts.append((compiled_variants(fwd), compiled_variants(bwd)))
+    assert counts == counts[:1] * 4

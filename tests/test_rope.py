@@ -5,9 +5,12 @@ import os
 import pytest
 import torch
 from accuracy import assert_accurate, rel_err
+from specialization import compiled_variants, unspecialised
 from transformers.models.dbrx.modeling_dbrx import apply_rotary_pos_emb
 
 from dbrx_fast import reference
+from dbrx_fast.kernels import rope as rope_module
+from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.rope import rope as rope_kernel
 from dbrx_fast.ops.rope import rope
 
@@ -225,3 +228,23 @@ def test_custom_op_passes_opcheck(device):
         torch.library.opcheck(
             torch.ops.dbrx_fast.rope.default, (q, k, cos64.float(), sin64.float()), {"backward": backward}
         )
+
+
+def test_seq_len_is_not_specialised():
+    """seq_len changes at every generation step and only bounds a mask: not specialised on (the strides are, and
+    keep their divisibility by 16 at any length)."""
+    assert unspecialised(rope_module._rope_kernel) == {"seq_len"}
+
+
+@pytest.mark.gpu
+def test_new_lengths_compile_nothing(device):
+    """A decode step (S = 1) and prompts of any length share one compiled kernel (per autotune config)."""
+    tuner = rope_module._rope_kernel
+    counts = []
+    with forced_config(tuner, tuner.all_configs[0]):
+        for seq_len in (1, 7, 33, 100):
+            _, q, k = fused_qk(2, 6, 1, seq_len, 128, torch.bfloat16, device)
+            cos64, sin64 = cos_sin(2, seq_len, 128, device)
+            rope_kernel(q, k, cos64.float(), sin64.float())
+            counts.append(compiled_variants(tuner))
+    assert counts == counts[:1] * 4

@@ -9,9 +9,11 @@ would tie every expert whose probability underflows to 0.
 import pytest
 import torch
 from accuracy import assert_accurate
+from specialization import compiled_variants, unspecialised
 
 from dbrx_fast import reference
 from dbrx_fast.kernels import moe_routing
+from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.moe_routing import Routing, route_bwd
 from dbrx_fast.ops.routing import route
 
@@ -78,7 +80,7 @@ def test_route_matches_reference(device, num_tokens, num_experts, top_k, normali
     than fp32 routing does; the kernels take it in fp32, and are compared with an oracle making the same choices
     (reference.route, float64 maths, from the same logits)."""
     logits = torch.randn(num_tokens, num_experts, device=device).to(dtype)
-    _check_routing(moe_routing.route(logits, top_k, normalize_p), logits, top_k, normalize_p)
+    _check_routing(moe_routing.route_fwd(logits, top_k, normalize_p), logits, top_k, normalize_p)
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16, BF16])
@@ -87,7 +89,7 @@ def test_ties_go_to_the_lower_expert(device, dtype):
     of equal logits takes experts 0..k-1."""
     logits = (torch.randint(-2, 3, (200, 16), device=device) * 0.5).to(dtype)
     logits[0] = 1.0
-    r = moe_routing.route(logits, 4, 1.0)
+    r = moe_routing.route_fwd(logits, 4, 1.0)
     _check_routing(r, logits, 4, 1.0)
     assert r.expert_ids[0].tolist() == [0, 1, 2, 3]
     _check_grad(logits, 4, 1.0)
@@ -103,7 +105,7 @@ def test_huge_logits(device, dtype, scale):
     underflows to 0 are still taken in logit order."""
     logits = (torch.randn(100, 16, device=device).clamp(-3, 3) * scale).to(dtype)
     logits[:4, :4] = logits.max()  # equal huge maxima share the weight
-    r = moe_routing.route(logits, 4, 2.0)
+    r = moe_routing.route_fwd(logits, 4, 2.0)
     assert not r.weights.isnan().any()
     _check_routing(r, logits, 4, 2.0)
     _check_grad(logits, 4, 2.0)
@@ -114,7 +116,7 @@ def test_every_token_on_one_expert(device, top_k):
     """Expert 5 wins every token; with k = 1 every other expert is empty."""
     logits = torch.randn(300, 16, device=device)
     logits[:, 5] += 30.0
-    r = moe_routing.route(logits, top_k, 1.0)
+    r = moe_routing.route_fwd(logits, top_k, 1.0)
     _check_routing(r, logits, top_k, 1.0)
     counts = (r.expert_offsets[1:] - r.expert_offsets[:-1]).tolist()
     assert counts[5] == 300
@@ -126,7 +128,7 @@ def test_experts_with_no_token(device):
     """3 tokens, 2 choices each, over 64 experts: at least 58 experts are empty, including the first and the last."""
     logits = torch.randn(3, 64, device=device)
     logits[:, 0] = logits[:, -1] = -10.0
-    r = moe_routing.route(logits, 2, None)
+    r = moe_routing.route_fwd(logits, 2, None)
     _check_routing(r, logits, 2, None)
     counts = r.expert_offsets[1:] - r.expert_offsets[:-1]
     assert (counts == 0).sum() >= 58 and counts[0] == 0 and counts[-1] == 0
@@ -136,7 +138,7 @@ def test_experts_with_no_token(device):
 def test_long_prefill(device):
     """T = 65536 (512 token blocks at E = 16): forward and gradient."""
     logits = torch.randn(65536, 16, device=device).to(BF16)
-    _check_routing(moe_routing.route(logits, 4, 1.0), logits, 4, 1.0)
+    _check_routing(moe_routing.route_fwd(logits, 4, 1.0), logits, 4, 1.0)
     _check_grad(logits, 4, 1.0)
 
 
@@ -167,7 +169,7 @@ def test_strided_inputs(device):
     """Logits with both strides other than 1 (a transposed view with a step) and a transposed grad_weights."""
     logits = torch.randn(2 * 16, 50, device=device).t()[:, ::2]
     assert logits.stride() == (1, 100)
-    r = moe_routing.route(logits, 4, 1.0)
+    r = moe_routing.route_fwd(logits, 4, 1.0)
     _check_routing(r, logits, 4, 1.0)
     g = torch.randn(4, 50, device=device).t()
     ref = logits.double().requires_grad_()
@@ -182,7 +184,7 @@ def test_bitwise_deterministic(device):
     g = torch.randn(1000, 4, device=device)
     runs = []
     for _ in range(2):
-        r = moe_routing.route(logits, 4, 1.0)
+        r = moe_routing.route_fwd(logits, 4, 1.0)
         runs.append((*r, route_bwd(g, logits, r.expert_ids, r.weights, 1.0)))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
@@ -190,13 +192,13 @@ def test_bitwise_deterministic(device):
 
 def test_integer_p_is_a_float_p(device):
     logits = torch.randn(37, 16, device=device)
-    a, b = moe_routing.route(logits, 4, 1), moe_routing.route(logits, 4, 1.0)
+    a, b = moe_routing.route_fwd(logits, 4, 1), moe_routing.route_fwd(logits, 4, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _bwd_args(device, **overrides):
     logits = torch.randn(8, 16, device=device)
-    r = moe_routing.route(logits, 4, 1.0)
+    r = moe_routing.route_fwd(logits, 4, 1.0)
     args = {
         "grad_weights": torch.randn(8, 4, device=device),
         "router_logits": logits,
@@ -250,8 +252,8 @@ def test_opcheck(device):
     """The custom ops' fake (meta) implementations, schemas and autograd registration agree with the real ones.
     (GPU only: under the interpreter a fake tensor cannot reach the kernel launch.)"""
     logits = torch.randn(37, 16, device=device, dtype=BF16)
-    torch.library.opcheck(moe_routing._route, (logits, 4, 1.0))
-    r = moe_routing.route(logits, 4, 1.0)
+    torch.library.opcheck(moe_routing._route_fwd, (logits, 4, 1.0))
+    r = moe_routing.route_fwd(logits, 4, 1.0)
     g = torch.randn(37, 4, device=device)
     torch.library.opcheck(moe_routing.route_bwd, (g, logits, r.expert_ids, r.weights, 1.0))
 
@@ -260,10 +262,34 @@ def test_opcheck(device):
 def test_cuda_graph_capture(device):
     """No host synchronisation: the routing of a decode step replays from a CUDA graph on new logits."""
     logits = torch.randn(8, 16, device=device, dtype=BF16)
-    moe_routing.route(logits, 4, 1.0)  # autotune outside the capture
+    moe_routing.route_fwd(logits, 4, 1.0)  # autotune outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        r = moe_routing.route(logits, 4, 1.0)
+        r = moe_routing.route_fwd(logits, 4, 1.0)
     logits.copy_(torch.randn_like(logits))
     graph.replay()
     _check_routing(r, logits, 4, 1.0)
+
+
+def test_token_counts_are_not_specialised():
+    """The sizes that change with T only bound masks and loops: not specialised on, so that a new T (1 in decode)
+    compiles nothing."""
+    assert unspecialised(moe_routing._route_fwd_kernel) == {"num_tokens"}
+    assert unspecialised(moe_routing._route_scan_kernel) == {"num_blocks"}
+    assert unspecialised(moe_routing._route_scatter_kernel) == {"num_slots"}
+    assert unspecialised(moe_routing._route_bwd_kernel) == {"num_tokens"}
+
+
+@pytest.mark.gpu
+def test_new_token_counts_compile_nothing(device):
+    """Decode (T = 1) and prefills of any length share each kernel's one compiled variant (per autotune config)."""
+    tuned = (moe_routing._route_fwd_kernel, moe_routing._route_bwd_kernel)
+    kernels = (*tuned, moe_routing._route_scan_kernel, moe_routing._route_scatter_kernel)
+    counts = []
+    with forced_config(tuned[0], tuned[0].all_configs[0]), forced_config(tuned[1], tuned[1].all_configs[0]):
+        for num_tokens in (1, 7, 300, 1000):
+            logits = torch.randn(num_tokens, 16, device=device, dtype=BF16)
+            r = moe_routing.route_fwd(logits, 4, 1.0)
+            route_bwd(torch.randn(num_tokens, 4, device=device), logits, r.expert_ids, r.weights, 1.0)
+            counts.append([compiled_variants(k) for k in kernels])
+    assert counts == counts[:1] * 4

@@ -6,8 +6,7 @@ expert ids and the dispatch metadata are integers and are marked non-differentia
 
 import torch
 
-from dbrx_fast.kernels.moe_routing import Routing, route_bwd
-from dbrx_fast.kernels.moe_routing import route as route_fwd
+from dbrx_fast.kernels.moe_routing import Routing, route_bwd, route_fwd
 
 
 class RoutingFunction(torch.autograd.Function):
