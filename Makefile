@@ -1,5 +1,5 @@
 # Everyday commands; CI runs .ci/run.
-.PHONY: demo test test-interpret test-gpu inspect bench lint
+.PHONY: demo test test-interpret test-gpu inspect bench gpu-check lint
 
 demo:
 	dbrx-fast demo
@@ -18,6 +18,11 @@ inspect:  # registers, spills, shared memory and wgmma of every kernel config fo
 
 bench:
 	python -m benchmarks.bench_moe
+
+# On a lent GPU, first thing: the GPU test tier, then the MoE benchmark (about 3-5 minutes), into OUT; see CONTRIBUTING.md.
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [COMMIT=hash]" >&2; exit 2; }
+	python3 benchmarks/gpu_check.py --out "$(OUT)" $(if $(COMMIT),--commit $(COMMIT))
 
 lint:
 	ruff check . && ruff format --check .
