@@ -107,16 +107,17 @@ def python(*args: str) -> list[str]:
 
 
 def _stop(child: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+    """SIGTERM to the stage's process group, then SIGKILL to whatever of it is left 15 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
+        except ProcessLookupError:  # the whole group is gone
+            break
         try:
-            child.wait(timeout=grace)
-            return
+            child.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    child.wait()
 
 
 def versions() -> dict[str, str]:
