@@ -7,8 +7,8 @@
 Every provider computes the same thing from the same x [T, H] and weights: router logits x @ Wr.T (one F.linear,
 the same for all), top-k routing with DBRX's p = 1 normalisation, then the experts:
 - stock: transformers' `DbrxFFN` (its routing and the `DbrxExperts` loop over experts), holding the same weights;
-- torch_grouped: `reference.route` + `dbrx_fast.moe_torch.moe_experts_grouped` (torch._grouped_mm on sm_90);
-- dbrx_fast: `dbrx_fast.ops.routing.route` + `dbrx_fast.ops.moe.moe_experts` (the Triton kernels).
+- torch_grouped: `reference.route` + `dbrx_fast.moe_torch.moe_experts_grouped_by_ids` (torch._grouped_mm on sm_90);
+- dbrx_fast: `dbrx_fast.ops.routing.route` + `dbrx_fast.ops.moe.moe_experts_by_routing` (the Triton kernels).
 FLOPs: 3 * 2 * T*k*H*F per forward (the router's 2*T*H*E and the GLU are left out), 2x that for a backward, 3x for
 full (fwd+bwd).
 Decode rows (T <= 16) also report GB/s counting the bytes of the chosen experts' weights. See benchmarks/README.md.
@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 
 from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, make_step, print_rows
 from dbrx_fast import reference
-from dbrx_fast.moe_torch import moe_experts_grouped
+from dbrx_fast.moe_torch import moe_experts_grouped_by_ids
 
 SUBJECT = "moe"
 DBRX_WIDTHS = {"hidden": 6144, "ffn": 10752, "experts": 16, "top_k": 4}
@@ -95,14 +95,14 @@ def torch_grouped_setup(weights: MoeWeights, x: torch.Tensor):
 
     def forward():
         routing_weights, expert_ids = reference.route(F.linear(x, w.router), w.top_k, NORMALIZE_P)
-        return moe_experts_grouped(x, w.w1, w.v1, w.w2, routing_weights, expert_ids, w.experts)
+        return moe_experts_grouped_by_ids(x, w.w1, w.v1, w.w2, routing_weights, expert_ids, w.experts)
 
     return forward
 
 
 def dbrx_fast_setup(weights: MoeWeights, x: torch.Tensor):
     try:
-        from dbrx_fast.ops.moe import moe_experts
+        from dbrx_fast.ops.moe import moe_experts_by_routing
         from dbrx_fast.ops.routing import route
     except ImportError as e:
         raise ProviderUnavailable(f"dbrx_fast.ops.routing / dbrx_fast.ops.moe not importable ({e})") from None
@@ -111,7 +111,8 @@ def dbrx_fast_setup(weights: MoeWeights, x: torch.Tensor):
     w = weights
 
     def forward():
-        return moe_experts(x, w.w1, w.v1, w.w2, route(F.linear(x, w.router), w.top_k, NORMALIZE_P), w.experts)
+        routing = route(F.linear(x, w.router), w.top_k, NORMALIZE_P)
+        return moe_experts_by_routing(x, w.w1, w.v1, w.w2, routing, w.experts)
 
     return forward
 

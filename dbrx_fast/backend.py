@@ -1,7 +1,8 @@
 """Which implementation serves a call: the Triton kernels, the eager reference ("torch"), or the stock module.
 
 The choice is made per call from the tensors at hand, so a patched model can move between devices and dtypes.
-A call the fast path cannot serve falls back to the stock module with a one-time warning that says why.
+A call the fast path cannot serve falls back to the stock module with a one-time warning that says why. Autocast is
+not a reason to fall back: the modules apply autocast's dtype rules themselves (see modules.py).
 """
 
 import os
@@ -48,11 +49,34 @@ def choose_path(backend: str, op: str, x: torch.Tensor, *params: torch.Tensor) -
     if len(devices) > 1:
         warn_once(f"{op}: tensors on several devices ({sorted(map(str, devices))}); using the stock path.")
         return "stock"
-    if torch.is_autocast_enabled(x.device.type):
-        warn_once(f"{op}: autocast is enabled; using the stock path, whose dtype rules autocast defines.")
-        return "stock"
     path = resolve(backend, x.device)
     if path == "triton" and x.dtype not in TRITON_DTYPES:
         warn_once(f"{op}: the Triton kernels take fp32, fp16 or bf16, not {x.dtype}; using the stock path.")
         return "stock"
     return path
+
+
+# Autotune keys (and the device, dtype and grad mode they ran in) of the Triton calls made outside CUDA-graph capture.
+_ran_keys: set[tuple] = set()
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream of `device` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_capturable(op: str, x: torch.Tensor, *key) -> None:
+    """Record a Triton call of `op` on input `x` with autotune key `key`; during CUDA-graph capture, refuse a key that
+    never ran: Triton would autotune it (benchmarking configs synchronises the device) or compile it inside the capture,
+    which fails deep inside a kernel launch. `dbrx_fast.warmup` runs every key a decode step can use."""
+    if torch.compiler.is_compiling():
+        return  # torch.compile traces the call; the launch happens (and is checked) in eager code or not at all
+    entry = (op, str(x.device), x.dtype, torch.is_grad_enabled(), *key)
+    if not capturing(x.device):
+        _ran_keys.add(entry)
+    elif entry not in _ran_keys:
+        raise RuntimeError(
+            f"dbrx_fast: {op} is being captured into a CUDA graph with an autotune key it has not run with before "
+            f"({', '.join(map(str, entry[1:]))}): Triton would autotune or compile inside the capture. Call "
+            "dbrx_fast.warmup(model, max_tokens=N), N at least the tokens of the captured step, before capturing."
+        )

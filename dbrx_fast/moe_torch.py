@@ -1,8 +1,10 @@
 """The MoE experts in plain, differentiable PyTorch, grouped by expert: the ``backend="torch"`` path.
 
-Same contract as `reference.moe_experts` (Hugging Face's native weight layout, used in place):
+Same contract as `reference.moe_experts_by_ids` (Hugging Face's native weight layout, used in place):
 x [T, H]; w1, v1, w2 [E*F, H] (expert e owns rows e*F:(e+1)*F; w2 is used as stored: y = h @ w2_e);
 weights and expert_ids [T, k]. out[t] = sum_j weights[t, j] * (silu(x[t] @ w1_e.T) * (x[t] @ v1_e.T)) @ w2_e.
+In the three steps of `modules.FastDbrxExperts`: dispatch (`reference.dispatch`), `expert_outputs`, `combine`;
+`moe_experts_grouped_by_ids` chains them.
 
 Algorithm: sort the T*k slots by expert (`reference.dispatch`), gather the rows of x once into that order, then run
 each projection as one matmul per expert over its contiguous segment of rows. On a GPU where `torch._grouped_mm` has
@@ -19,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .reference import compute_dtype, dispatch
 
 
-def moe_experts_grouped(
+def moe_experts_grouped_by_ids(
     x: torch.Tensor,
     w1: torch.Tensor,
     v1: torch.Tensor,
@@ -35,11 +37,28 @@ def moe_experts_grouped(
     synchronisation; an id out of range fails inside the indexing ops). Returns out [T, H] in x's dtype.
     """
     _check_inputs(x, w1, v1, w2, weights, expert_ids, num_experts)
-    num_tokens, hidden = x.shape
-    top_k = expert_ids.shape[1]
-    ffn = w1.shape[0] // num_experts
-
     sorted_slots, expert_offsets = dispatch(expert_ids, num_experts)
+    return combine(expert_outputs(x, w1, v1, w2, weights, sorted_slots, expert_offsets), x.dtype)
+
+
+def expert_outputs(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    v1: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    expert_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """y [T, k, H] in x's dtype: y[t, j] = weights[t, j] * expert e's GLU of x[t], e the expert of slot t*k + j.
+
+    Shapes as in `moe_experts_grouped_by_ids`; sorted_slots [T*k] and expert_offsets [E+1] from `reference.dispatch`
+    (trusted: the inputs are checked by `moe_experts_grouped_by_ids`, or come from the model).
+    """
+    num_tokens, hidden = x.shape
+    top_k = weights.shape[1]
+    num_experts = expert_offsets.numel() - 1
+    ffn = w1.shape[0] // num_experts
     slot_index = sorted_slots.long()
     xs = _GatherTokens.apply(x, slot_index, top_k)
     row_weights = weights.reshape(-1).index_select(0, slot_index)
@@ -60,10 +79,14 @@ def moe_experts_grouped(
         h = _weighted_glu(gate, up, row_weights)
         y = torch.cat([he @ w2.narrow(0, e * ffn, ffn) for e, he in enumerate(h.split(counts))])
 
-    # Back to slot order (slot t*k + j), then each token's k rows summed in a fixed order. index_copy writes every
-    # row exactly once, and its backward is a gather, so no atomics anywhere.
-    y_slots = torch.empty_like(y).index_copy(0, slot_index, y)
-    return y_slots.view(num_tokens, top_k, hidden).sum(1)
+    # Back to slot order (slot t*k + j). index_copy writes every row exactly once, and its backward is a gather, so
+    # no atomics anywhere.
+    return torch.empty_like(y).index_copy(0, slot_index, y).view(num_tokens, top_k, hidden)
+
+
+def combine(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """out [T, H] = sum over k of y [T, k, H], in a fixed order (torch accumulates 16-bit sums in fp32)."""
+    return y.sum(1).to(out_dtype)
 
 
 def _check_inputs(x, w1, v1, w2, weights, expert_ids, num_experts):

@@ -15,14 +15,16 @@ from packaging.version import Version
 from torch import nn
 from transformers.models.dbrx.modeling_dbrx import (
     DbrxAttention,
+    DbrxExpertGLU,
+    DbrxExperts,
     DbrxFFN,
     DbrxForCausalLM,
     DbrxModel,
     DbrxRotaryEmbedding,
 )
 
-from .backend import BACKENDS
-from .modules import FastDbrxAttention, FastDbrxFFN, FastLayerNorm, FastRotaryEmbedding
+from .backend import BACKENDS, resolve
+from .modules import FastDbrxAttention, FastDbrxExperts, FastDbrxFFN, FastLayerNorm, FastRotaryEmbedding
 
 # DBRX is computed wrongly by transformers before 5.15.
 MIN_TRANSFORMERS = Version("5.15")
@@ -62,10 +64,12 @@ def patch(
     attention: patch the attention modules (fused qkv clip and split, RoPE in fp32); the attention core stays the
         model's `attn_implementation` until dbrx-fast's attention kernels land.
     rope: inside the patched attention, rotate q and k with the Triton RoPE kernel (else in eager fp32).
-    moe: fused routing and grouped GLU experts in place of the stock loop over experts.
+    moe: fused routing and grouped GLU experts in place of the stock loop over experts (the FFN and its experts
+        module are both swapped; the FFN calls `ffn.experts`, so hooks and FSDP2 on it work).
     norm: the bias-free LayerNorms (norm_1, norm_2, norm_f).
     backend: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" (the eager reference path, any device) or
-        "auto" (triton on CUDA, torch elsewhere), chosen per call from the input's device.
+        "auto" (triton on CUDA, torch elsewhere), chosen per call from the input's device. "triton" on a model
+        with CPU parameters and no interpreter raises here.
     fix_rope_theta: transformers 5.x ignores `attn_config.rope_theta` (DBRX checkpoints say 500000; the model uses
         `rope_parameters`, 10000 by default). When they disagree, warn and give the model's rotary embedding the
         checkpoint's theta, for the patched and the stock paths alike; unpatch restores it.
@@ -80,6 +84,9 @@ def patch(
         raise TypeError(f"dbrx_fast.patch expects a DbrxForCausalLM or DbrxModel, got {type(model).__name__}.")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "triton":
+        for device in {p.device for p in model.parameters()} - {torch.device("meta")}:
+            resolve(backend, device)  # raises off CUDA without the interpreter
     options = PatchOptions(attention, moe, rope, norm, backend, fix_rope_theta)
     record = vars(model).get(_RECORD)
     if record is not None:
@@ -89,7 +96,7 @@ def patch(
 
     decoder = model.transformer if isinstance(model, DbrxForCausalLM) else model
     swaps = _plan_swaps(decoder, options)
-    new_inv_freq = _corrected_inv_freq(decoder) if fix_rope_theta else None
+    rope_theta, new_inv_freq = _rope_theta(decoder, fix_rope_theta)
 
     rotary = decoder.rotary_emb
     saved_inv_freq = None
@@ -102,6 +109,8 @@ def patch(
         swapped.append((module, type(module)))
         module.__class__ = fast_class
         module.dbrx_fast_options = options
+    if type(rotary) is FastRotaryEmbedding:
+        rotary.dbrx_fast_rope_theta = rope_theta
     setattr(model, _RECORD, _PatchRecord(options, swapped, saved_inv_freq))
     return model
 
@@ -114,6 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module, original_class in record.swapped:
         module.__class__ = original_class
         del module.dbrx_fast_options
+        vars(module).pop("dbrx_fast_rope_theta", None)
     if record.rotary_inv_freq is not None:
         rotary, inv_freq, original_inv_freq = record.rotary_inv_freq
         device = rotary.inv_freq.device  # the model may have moved since it was patched
@@ -152,12 +162,15 @@ def _plan_swaps(decoder: DbrxModel, options: PatchOptions) -> list:
         activation = decoder.config.ffn_config.ffn_act_fn.get("name", "silu")
         for block in blocks:
             ffn = block.ffn
-            if type(ffn) is DbrxFFN and activation in ("silu", "swish"):
-                swaps.append((ffn, FastDbrxFFN))
+            experts = getattr(ffn, "experts", None)
+            stock_modules = type(ffn) is DbrxFFN and type(experts) is DbrxExperts and type(experts.mlp) is DbrxExpertGLU
+            if stock_modules and activation in ("silu", "swish"):
+                swaps.extend(((ffn, FastDbrxFFN), (experts, FastDbrxExperts)))
             else:
+                kinds = f"{type(ffn).__name__} / {type(experts).__name__}"
                 _warn(
-                    f"MoE left stock: needs a stock DbrxFFN with SiLU experts, got "
-                    f"{type(ffn).__name__} with {activation!r}."
+                    f"MoE left stock: needs a stock DbrxFFN, DbrxExperts and DbrxExpertGLU with SiLU experts, got "
+                    f"{kinds} with {activation!r} (patch before wrapping the experts, e.g. before fully_shard)."
                 )
     return swaps
 
@@ -176,20 +189,22 @@ def _attention_unsupported(decoder: DbrxModel) -> str | None:
     return None
 
 
-def _corrected_inv_freq(decoder: DbrxModel) -> torch.Tensor | None:
-    """The rotary inverse frequencies for the checkpoint's `attn_config.rope_theta`, or None if nothing to fix."""
+def _rope_theta(decoder: DbrxModel, fix: bool) -> tuple[float | None, torch.Tensor | None]:
+    """(the theta the rotary embedding uses after patching, new inv_freq for it or None if the buffer stays).
+
+    With `fix`, the theta is the checkpoint's `attn_config.rope_theta` where transformers uses another one."""
     config = decoder.config
     checkpoint_theta = getattr(config.attn_config, "rope_theta", None)
     used_theta = (config.rope_parameters or {}).get("rope_theta")
-    if checkpoint_theta is None or used_theta is None or math.isclose(checkpoint_theta, used_theta):
-        return None
+    if not fix or checkpoint_theta is None or used_theta is None or math.isclose(checkpoint_theta, used_theta):
+        return used_theta, None
     rotary = decoder.rotary_emb
     if rotary.rope_type != "default":
         _warn(
             f"attn_config.rope_theta={checkpoint_theta} but the model uses {used_theta} with "
             f"{rotary.rope_type!r} RoPE, which dbrx_fast cannot correct; left as it is."
         )
-        return None
+        return used_theta, None
     _warn(
         f"the checkpoint's attn_config.rope_theta is {checkpoint_theta} but transformers uses "
         f"rope_parameters['rope_theta']={used_theta}; the rotary embedding now uses {checkpoint_theta} "
@@ -198,4 +213,4 @@ def _corrected_inv_freq(decoder: DbrxModel) -> torch.Tensor | None:
     head_dim = config.d_model // config.n_heads
     # Transformers' own formula, on the CPU as it computes it, then moved to where the buffer lives.
     inv_freq = 1.0 / (checkpoint_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    return inv_freq.to(rotary.inv_freq.device)
+    return checkpoint_theta, inv_freq.to(rotary.inv_freq.device)

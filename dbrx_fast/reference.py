@@ -70,26 +70,26 @@ def route(router_logits: torch.Tensor, top_k: int, normalize_p: float | None) ->
     return weights, indices
 
 
-def moe_experts(
+def moe_experts_by_ids(
     x: torch.Tensor,
     w1: torch.Tensor,
     v1: torch.Tensor,
     w2: torch.Tensor,
     weights: torch.Tensor,
-    indices: torch.Tensor,
+    expert_ids: torch.Tensor,
     num_experts: int,
 ) -> torch.Tensor:
-    """GLU experts on Hugging Face's native layout, summed over each token's k experts.
+    """GLU experts on Hugging Face's native layout, summed over each token's k experts, one expert at a time.
 
-    x [T, H]; w1, v1, w2 [E*F, H] (w2 is used as stored: y = h @ w2_e); weights and indices [T, k].
-    out[t] = sum_j weights[t, j] * (silu(x[t] @ w1_e.T) * (x[t] @ v1_e.T)) @ w2_e with e = indices[t, j].
+    x [T, H]; w1, v1, w2 [E*F, H] (w2 is used as stored: y = h @ w2_e); weights and expert_ids [T, k].
+    out[t] = sum_j weights[t, j] * (silu(x[t] @ w1_e.T) * (x[t] @ v1_e.T)) @ w2_e with e = expert_ids[t, j].
     """
     dt = compute_dtype(x)
     hidden = x.shape[-1]
     w1, v1, w2 = (w.view(num_experts, -1, hidden) for w in (w1, v1, w2))
     out = torch.zeros(x.shape, dtype=dt, device=x.device)
     for expert in range(num_experts):
-        token, slot = torch.nonzero(indices == expert, as_tuple=True)
+        token, slot = torch.nonzero(expert_ids == expert, as_tuple=True)
         if token.numel() == 0:
             continue
         xe = x[token].to(dt)

@@ -1,4 +1,4 @@
-"""The grouped GLU expert forward kernels and the MoE autograd Function against float64 `reference.moe_experts`.
+"""The grouped GLU expert forward kernels and the MoE autograd Function against float64 `reference.moe_experts_by_ids`.
 
 The accuracy baseline is stock transformers `DbrxExperts` in the tested dtype (forward, and its autograd for the
 gradients). Routing comes from `reference.route` / `reference.dispatch` (or chosen expert ids for the awkward cases),
@@ -18,7 +18,7 @@ from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 from dbrx_fast import reference
 from dbrx_fast.kernels.moe_experts import moe_combine, moe_down, moe_glu_up
 from dbrx_fast.kernels.moe_routing import Routing
-from dbrx_fast.ops.moe import moe_experts
+from dbrx_fast.ops.moe import moe_experts_by_routing
 from dbrx_fast.ops.routing import route
 
 pytestmark = pytest.mark.interpreter
@@ -55,7 +55,7 @@ def _problem(case: Case, dtype: torch.dtype, device):
 
 def _reference64(x, w1, v1, w2, routing, num_experts):
     args = [t.detach().double() for t in (x, w1, v1, w2, routing.weights)]
-    return reference.moe_experts(*args, routing.expert_ids.long(), num_experts)
+    return reference.moe_experts_by_ids(*args, routing.expert_ids.long(), num_experts)
 
 
 def _stock(x, w1, v1, w2, routing, num_experts):
@@ -79,7 +79,7 @@ def _stock(x, w1, v1, w2, routing, num_experts):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_matches_reference(case, dtype, device):
     x, w1, v1, w2, routing = _problem(case, dtype, device)
-    out = moe_experts(x, w1, v1, w2, routing, case.experts)
+    out = moe_experts_by_routing(x, w1, v1, w2, routing, case.experts)
     assert out.dtype == dtype and out.shape == x.shape
     with torch.no_grad():
         baseline = _stock(x, w1, v1, w2, routing, case.experts)
@@ -132,15 +132,15 @@ def test_strided_inputs(device):
     weights_wide = torch.full((case.tokens, 2 * case.top_k), float("nan"), device=device)[:, 1::2]
     weights_wide.copy_(routing.weights)
     strided = routing._replace(weights=weights_wide)
-    out = moe_experts(x_strided, w1_t, v1_wide, w2_t, strided, case.experts)
-    assert torch.equal(out, moe_experts(x, w1, v1, w2, routing, case.experts))
+    out = moe_experts_by_routing(x_strided, w1_t, v1_wide, w2_t, strided, case.experts)
+    assert torch.equal(out, moe_experts_by_routing(x, w1, v1, w2, routing, case.experts))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_no_tokens(dtype, device):
     case = Case("empty", 0, 4, 2)
     x, w1, v1, w2, routing = _problem(case, dtype, device)
-    out = moe_experts(x, w1, v1, w2, routing, case.experts)
+    out = moe_experts_by_routing(x, w1, v1, w2, routing, case.experts)
     assert out.shape == (0, case.hidden) and out.dtype == dtype
     h, gate, up = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, 2, True)
     assert h.shape == gate.shape == up.shape == (0, case.ffn)
@@ -149,8 +149,8 @@ def test_no_tokens(dtype, device):
 def test_forward_is_deterministic(device):
     case = Case("det", 19, 16, 4)
     x, w1, v1, w2, routing = _problem(case, torch.bfloat16, device)
-    first = moe_experts(x, w1, v1, w2, routing, case.experts)
-    assert torch.equal(first, moe_experts(x, w1, v1, w2, routing, case.experts))
+    first = moe_experts_by_routing(x, w1, v1, w2, routing, case.experts)
+    assert torch.equal(first, moe_experts_by_routing(x, w1, v1, w2, routing, case.experts))
 
 
 @pytest.mark.races_allowed("the corrupt offsets give rows 4-7 to two experts: which store lands last is undefined")
@@ -194,12 +194,12 @@ def test_gradients_match_reference(case, dtype, device):
     x, w1, v1, w2, routing = _problem(case, dtype, device)
     leaves = [t.detach().requires_grad_() for t in (x, w1, v1, w2, routing.weights)]
     leaf_routing = routing._replace(weights=leaves[4])
-    out = moe_experts(*leaves[:4], leaf_routing, case.experts)
+    out = moe_experts_by_routing(*leaves[:4], leaf_routing, case.experts)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
 
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.moe_experts(*ref_leaves, routing.expert_ids.long(), case.experts)
+    ref = reference.moe_experts_by_ids(*ref_leaves, routing.expert_ids.long(), case.experts)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
 
     stock_leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -226,7 +226,7 @@ def test_gradients_are_deterministic(device):
 
     def run():
         leaves = [t.detach().requires_grad_() for t in (x, w1, v1, w2, routing.weights)]
-        out = moe_experts(*leaves[:4], routing._replace(weights=leaves[4]), case.experts)
+        out = moe_experts_by_routing(*leaves[:4], routing._replace(weights=leaves[4]), case.experts)
         torch.manual_seed(1)
         return torch.autograd.grad(out, leaves, torch.randn_like(out))
 
@@ -239,17 +239,17 @@ def test_partial_gradients(device):
     case = Case("partial", 9, 4, 2)
     x, w1, v1, w2, routing = _problem(case, torch.float32, device)
     w2 = w2.detach().requires_grad_()
-    out = moe_experts(x, w1, v1, w2, routing, case.experts)
+    out = moe_experts_by_routing(x, w1, v1, w2, routing, case.experts)
     (dw2,) = torch.autograd.grad(out, [w2], torch.ones_like(out))
     w2_64 = w2.detach().double().requires_grad_()
-    ref = reference.moe_experts(
+    ref = reference.moe_experts_by_ids(
         x.double(), w1.double(), v1.double(), w2_64, routing.weights.double(), routing.expert_ids.long(), case.experts
     )
     assert_accurate(dw2, torch.autograd.grad(ref, [w2_64], torch.ones_like(ref))[0])
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        moe_experts(x, w1, v1, w2.detach(), routing, case.experts)
+        moe_experts_by_routing(x, w1, v1, w2.detach(), routing, case.experts)
     assert saved == []
 
 
@@ -266,8 +266,8 @@ def test_inference_writes_no_preactivations(device, monkeypatch):
     monkeypatch.setattr("dbrx_fast.ops.moe.moe_glu_up", spy)
     params = [torch.nn.Parameter(w) for w in (w1, v1, w2)]
     with torch.no_grad():
-        moe_experts(x, *params, routing, case.experts)
-    moe_experts(x, *params, routing, case.experts)
+        moe_experts_by_routing(x, *params, routing, case.experts)
+    moe_experts_by_routing(x, *params, routing, case.experts)
     assert calls == [False, True]
 
 
@@ -278,7 +278,7 @@ def test_saves_no_h_or_y(device):
     leaves = [t.detach().requires_grad_() for t in (x, w1, v1, w2)]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        moe_experts(*leaves, routing, case.experts)
+        moe_experts_by_routing(*leaves, routing, case.experts)
     shapes = sorted(tuple(t.shape) for t in saved)
     rows, ffn = case.tokens * case.top_k, case.ffn
     assert shapes.count((rows, ffn)) == 2, shapes  # gate and up; h would make a third
@@ -293,13 +293,13 @@ def test_end_to_end_with_the_router(device):
     case = Case("e2e", tokens, experts, top_k, hidden, ffn)
     x, w1, v1, w2, _ = _problem(case, torch.float32, device)
     x.requires_grad_()
-    out = moe_experts(x, w1, v1, w2, route(logits, top_k, 1.0), experts)
+    out = moe_experts_by_routing(x, w1, v1, w2, route(logits, top_k, 1.0), experts)
     dout = torch.randn_like(out)
     dx, dlogits = torch.autograd.grad(out, [x, logits], dout)
 
     x64, logits64 = x.detach().double().requires_grad_(), logits.detach().double().requires_grad_()
     weights64, ids = reference.route(logits64, top_k, 1.0)
-    ref = reference.moe_experts(x64, w1.double(), v1.double(), w2.double(), weights64, ids, experts)
+    ref = reference.moe_experts_by_ids(x64, w1.double(), v1.double(), w2.double(), weights64, ids, experts)
     dx64, dlogits64 = torch.autograd.grad(ref, [x64, logits64], dout.double())
     assert_accurate(out, ref)
     assert_accurate(dx, dx64)
@@ -352,4 +352,4 @@ def test_functional_checks_num_experts(device):
     case = Case("e", 4, 4, 2)
     x, w1, v1, w2, routing = _problem(case, torch.float32, device)
     with pytest.raises(ValueError, match="expected E\\+1 = 9"):
-        moe_experts(x, w1, v1, w2, routing, 8)
+        moe_experts_by_routing(x, w1, v1, w2, routing, 8)

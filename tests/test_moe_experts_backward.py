@@ -2,7 +2,7 @@
 
 Inputs come from `reference.route` / `reference.dispatch`, and the forward's saved gate and up are formed with torch,
 so these tests need no forward kernel. Each launcher is compared with float64 autograd of the same sorted-order chain
-(checked once against `reference.moe_experts`, end to end), with stock eager autograd in the tested dtype as the
+(checked once against `reference.moe_experts_by_ids`, end to end), with stock eager autograd in the tested dtype as the
 accuracy baseline. Every buffer a launcher allocates is filled with NaN first, so an element it forgets to write fails.
 """
 
@@ -181,16 +181,16 @@ def _backward(p: Problem):
 
 
 def _reference_grads(p: Problem, dtype: torch.dtype):
-    """(dx, dw1, dv1, dw2, dweights) by autograd of reference.moe_experts with every input cast to `dtype`."""
+    """(dx, dw1, dv1, dw2, dweights) by autograd of reference.moe_experts_by_ids with every input cast to `dtype`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (p.x, p.w1, p.v1, p.w2, p.weights)]
-    out = reference.moe_experts(*leaves[:4], leaves[4], p.expert_ids, p.num_experts)
+    out = reference.moe_experts_by_ids(*leaves[:4], leaves[4], p.expert_ids, p.num_experts)
     return torch.autograd.grad(out, leaves, p.dout.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [BY_NAME["T37_E16_k4"], BY_NAME["empty_experts"]], ids=["T37_E16_k4", "empty_experts"])
 def test_backward_matches_reference_autograd(case, dtype, device):
-    """The four launchers chained give the gradients of `reference.moe_experts` (which also checks this file's
+    """The four launchers chained give the gradients of `reference.moe_experts_by_ids` (which also checks this file's
     sorted-order chains against the oracle). Stock's error here is autograd of its own bf16 layer."""
     p = _problem(case, dtype, device)
     got = _backward(p)

@@ -1,4 +1,4 @@
-"""The torch grouped MoE path (`dbrx_fast.moe_torch`) against float64 `reference.moe_experts`.
+"""The torch grouped MoE path (`dbrx_fast.moe_torch`) against float64 `reference.moe_experts_by_ids`.
 
 Baseline for the tolerance: transformers' stock `DbrxExperts` module run in the same dtype with the same weights
 (it takes the routing weights in the activations' dtype, as the stock model produces them).
@@ -13,7 +13,7 @@ from transformers import DbrxConfig
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
 from dbrx_fast import moe_torch, reference
-from dbrx_fast.moe_torch import moe_experts_grouped
+from dbrx_fast.moe_torch import moe_experts_grouped_by_ids
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -60,7 +60,7 @@ def _stock(x, w1, v1, w2, weights, ids, E):
 
 
 def _ref64(x, w1, v1, w2, weights, ids, E):
-    return reference.moe_experts(*(t.double() for t in (x, w1, v1, w2, weights)), ids, E)
+    return reference.moe_experts_by_ids(*(t.double() for t in (x, w1, v1, w2, weights)), ids, E)
 
 
 CASES = {
@@ -101,7 +101,7 @@ def test_forward_matches_reference(device, dtype, case):
     outs, refs, stocks = [], [], []
     for _ in range(_draws(T)):
         x, w1, v1, w2, weights, ids = _inputs(device, dtype, T, H, F, E, k, experts)
-        outs.append(moe_experts_grouped(x, w1, v1, w2, weights, ids, E))
+        outs.append(moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids, E))
         assert outs[-1].dtype == dtype and outs[-1].shape == (T, H)
         refs.append(_ref64(x, w1, v1, w2, weights, ids, E))
         stocks.append(_stock(x, w1, v1, w2, weights, ids, E)[1])
@@ -121,10 +121,10 @@ def test_gradients_match_float64_autograd(device, dtype, case):
         grad_out = torch.randn(T, H, device=device, dtype=dtype)
 
         leaves = [t.detach().clone().requires_grad_() for t in (x, w1, v1, w2, weights)]
-        moe_experts_grouped(*leaves, ids, E).backward(grad_out)
+        moe_experts_grouped_by_ids(*leaves, ids, E).backward(grad_out)
 
         leaves64 = [t.detach().double().requires_grad_() for t in (x, w1, v1, w2, weights)]
-        reference.moe_experts(*leaves64, ids, E).backward(grad_out.double())
+        reference.moe_experts_by_ids(*leaves64, ids, E).backward(grad_out.double())
 
         sx = x.detach().clone().requires_grad_()
         sw = weights.detach().to(dtype).requires_grad_()
@@ -169,7 +169,7 @@ def test_grouped_mm_path_forced_on_cpu(monkeypatch, dtype, case):
 
     def run():
         leaves = [t.detach().clone().requires_grad_() for t in (x, w1, v1, w2, weights)]
-        out = moe_experts_grouped(*leaves, ids, E)
+        out = moe_experts_grouped_by_ids(*leaves, ids, E)
         out.backward(grad_out)
         return [out] + [t.grad for t in leaves]
 
@@ -177,7 +177,7 @@ def test_grouped_mm_path_forced_on_cpu(monkeypatch, dtype, case):
     monkeypatch.setattr(moe_torch, "_grouped_mm_ok", lambda *args: True)
     grouped = run()
     leaves64 = [t.detach().double().requires_grad_() for t in (x, w1, v1, w2, weights)]
-    ref = reference.moe_experts(*leaves64, ids, E)
+    ref = reference.moe_experts_by_ids(*leaves64, ids, E)
     ref.backward(grad_out.double())
     refs = [ref] + [t.grad for t in leaves64]
     for name, ours, r, base in zip(("out", "x", "w1", "v1", "w2", "weights"), grouped, refs, loop, strict=True):
@@ -208,7 +208,7 @@ def test_every_intermediate_row_is_written(device):
     `poisoned` fixture): a row left unwritten would show as NaN in the output or a gradient."""
     x, w1, v1, w2, weights, ids = _inputs(device, torch.float32, 23, 48, 24, 6, 3, [0, 3, 5])
     leaves = [t.requires_grad_() for t in (x, w1, v1, w2, weights)]
-    out = moe_experts_grouped(*leaves, ids, 6)
+    out = moe_experts_grouped_by_ids(*leaves, ids, 6)
     out.backward(torch.randn_like(out))
     assert torch.isfinite(out).all()
     for t in leaves:
@@ -222,7 +222,7 @@ def test_bitwise_deterministic(device, dtype):
     results = []
     for _ in range(2):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w1, v1, w2, weights)]
-        out = moe_experts_grouped(*leaves, ids, 8)
+        out = moe_experts_grouped_by_ids(*leaves, ids, 8)
         out.backward(grad_out)
         results.append([out] + [t.grad for t in leaves])
     for a, b in zip(*results, strict=True):
@@ -231,49 +231,49 @@ def test_bitwise_deterministic(device, dtype):
 
 def test_no_tokens(device):
     x, w1, v1, w2, weights, ids = _inputs(device, torch.float32, 0, 32, 16, 4, 2)
-    out = moe_experts_grouped(x, w1, v1, w2, weights, ids, 4)
+    out = moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids, 4)
     assert out.shape == (0, 32) and out.dtype == torch.float32
 
 
 def test_float64_inputs_match_reference(device):
     """float64 goes through the loop path in float64 (the patcher's fallback for float64 models)."""
     x, w1, v1, w2, weights, ids = _inputs(device, torch.float64, 15, 40, 24, 4, 2)
-    out = moe_experts_grouped(x, w1, v1, w2, weights, ids, 4)
+    out = moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids, 4)
     assert rel_err(out, _ref64(x, w1, v1, w2, weights, ids, 4)) < 1e-12
 
 
 def test_bad_input_raises(device):
     x, w1, v1, w2, weights, ids = _inputs(device, torch.float32, 5, 32, 16, 4, 2)
     with pytest.raises(ValueError, match="x must be 2-D"):
-        moe_experts_grouped(x[None], w1, v1, w2, weights, ids, 4)
+        moe_experts_grouped_by_ids(x[None], w1, v1, w2, weights, ids, 4)
     with pytest.raises(TypeError, match="x must be a floating"):
-        moe_experts_grouped(x.long(), w1, v1, w2, weights, ids, 4)
+        moe_experts_grouped_by_ids(x.long(), w1, v1, w2, weights, ids, 4)
     with pytest.raises(ValueError, match=r"w1 must be \[E\*F, H\]"):
-        moe_experts_grouped(x, w1[:, :16], v1, w2, weights, ids, 4)
+        moe_experts_grouped_by_ids(x, w1[:, :16], v1, w2, weights, ids, 4)
     with pytest.raises(ValueError, match=r"v1 must be \[E\*F, H\]"):
-        moe_experts_grouped(x, w1, v1[:-1], w2, weights, ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1[:-1], w2, weights, ids, 4)
     with pytest.raises(ValueError, match="w2 has shape"):
-        moe_experts_grouped(x, w1, v1, torch.cat((w2, w2)), weights, ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1, torch.cat((w2, w2)), weights, ids, 4)
     with pytest.raises(ValueError, match="must be \\[E\\*F, H\\]"):
-        moe_experts_grouped(x, w1, v1, w2, weights, ids, 3)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids, 3)
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
-        moe_experts_grouped(x, w1, v1, w2, weights, ids, 0)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids, 0)
     with pytest.raises(TypeError, match="v1 has dtype"):
-        moe_experts_grouped(x, w1, v1.double(), w2, weights, ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1.double(), w2, weights, ids, 4)
     with pytest.raises(TypeError, match="expert_ids must be an integer"):
-        moe_experts_grouped(x, w1, v1, w2, weights, ids.float(), 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids.float(), 4)
     with pytest.raises(ValueError, match="expert_ids must be"):
-        moe_experts_grouped(x, w1, v1, w2, weights, ids[:-1], 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids[:-1], 4)
     with pytest.raises(ValueError, match="weights has shape"):
-        moe_experts_grouped(x, w1, v1, w2, weights[:, :1], ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights[:, :1], ids, 4)
     with pytest.raises(TypeError, match="weights must be a floating"):
-        moe_experts_grouped(x, w1, v1, w2, ids, ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, ids, ids, 4)
 
 
 @pytest.mark.gpu
 def test_device_mismatch_raises():
     x, w1, v1, w2, weights, ids = _inputs("cuda", torch.bfloat16, 5, 32, 16, 4, 2)
     with pytest.raises(ValueError, match="w2 is on cpu"):
-        moe_experts_grouped(x, w1, v1, w2.cpu(), weights, ids, 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2.cpu(), weights, ids, 4)
     with pytest.raises(ValueError, match="expert_ids is on cpu"):
-        moe_experts_grouped(x, w1, v1, w2, weights, ids.cpu(), 4)
+        moe_experts_grouped_by_ids(x, w1, v1, w2, weights, ids.cpu(), 4)

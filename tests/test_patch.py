@@ -164,7 +164,17 @@ def test_unsupported_head_dim_keeps_attention_stock_with_a_warning():
     torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_backend_on_cpu_without_the_interpreter_raises(monkeypatch):
+def test_triton_backend_on_cpu_without_the_interpreter_raises_at_patch(monkeypatch):
+    model = tiny_model()
+    classes, state = module_classes(model), copy.deepcopy(model.state_dict())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # this test process runs with the interpreter on
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dbrx_fast.patch(model, backend="triton")
+    assert_untouched(model, classes, state)
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_raises_per_call(monkeypatch):
+    """A model patched where the kernels could run, then given CPU tensors without the interpreter."""
     model = dbrx_fast.patch(tiny_model(), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
