@@ -1,0 +1,220 @@
+"""Every autotune config of every kernel runs on ragged cases against the float64 reference, in each dtype it serves.
+
+The interpreter (and DBRX_FAST_AUTOTUNE=0) pins each autotuner to one config, so without this test the others would
+only ever be compiled (test_compile_gpu_targets.py), never run. The autotuners are found by scanning every module of
+kernels/ (`autotune` keeps each one's full list as `all_configs`); each belongs to a group below, whose case runs its
+differentiable op forward and backward with one config forced (`forced_config`) on every tuner of each kernel. A
+group's kernels take their configs side by side (the i-th of each, the shorter lists repeating), so a case checks
+several kernels at once, and its sizes are one tile of the largest block forced plus a ragged remainder.
+
+GEMM-class tuners (the MoE kernels') serve the dtypes of their class; the others serve all three. Under the
+interpreter num_warps and num_stages change nothing, so configs that differ only there run once; the layernorm
+configs are first pruned by block size as its autotuner would.
+"""
+
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import pytest
+import torch
+import triton
+from accuracy import EPS, rel_err
+from triton.runtime.autotuner import Autotuner
+
+import dbrx_fast.kernels
+from dbrx_fast import reference
+from dbrx_fast.kernels.autotune import forced_config
+from dbrx_fast.kernels.moe_routing import Routing
+from dbrx_fast.ops.layernorm import layer_norm
+from dbrx_fast.ops.moe import moe_experts_by_routing
+from dbrx_fast.ops.rope import rope
+from dbrx_fast.ops.routing import route
+
+pytestmark = pytest.mark.interpreter
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+DTYPES = (FP32, FP16, BF16)
+CLASS_DTYPES = {"16bit": (FP16, BF16), "tf32": (FP32,), "fp32_dot": (FP32,)}
+# Error bound in units of the dtype's round-off (accuracy.EPS): several roundings of intermediates, sums over at most
+# a few hundred terms.
+ULPS = {FP32: 64, FP16: 8, BF16: 8}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def discover() -> dict[str, dict[str, Autotuner]]:
+    """kernel name -> {GEMM class or "": autotuner} over every module of kernels/."""
+    found = {}
+    for info in pkgutil.iter_modules(dbrx_fast.kernels.__path__):
+        module = importlib.import_module(f"dbrx_fast.kernels.{info.name}")
+        for value in vars(module).values():
+            tuners = value.items() if isinstance(value, dict) else [("", value)]
+            for cls, tuner in tuners:
+                if isinstance(tuner, Autotuner):
+                    found.setdefault(tuner.fn.__name__, {})[cls] = tuner
+    return found
+
+
+TUNERS = discover()
+
+
+def configs_for(kernel: str, dtype: torch.dtype, prune: Callable | None = None) -> list[triton.Config]:
+    """The configs of `kernel`'s tuners that serve `dtype`, pruned as its autotuner would, without configs the
+    interpreter cannot tell apart."""
+    configs = []
+    for cls, tuner in TUNERS[kernel].items():
+        if dtype in CLASS_DTYPES.get(cls, DTYPES):
+            kept = tuner.all_configs if prune is None else prune(tuner)
+            configs += kept
+    if INTERPRETED:
+        configs = list({tuple(sorted(c.kwargs.items())): c for c in configs}.values())
+    return configs
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Within ULPS round-offs of the case's dtype, whatever the output's (routing weights are float32 always)."""
+    err, bound = rel_err(got, want), ULPS[dtype] * EPS[dtype]
+    assert got.shape == want.shape and err <= bound, f"{what}: relative error {err:.3g} exceeds {bound:.3g} ({dtype})"
+
+
+def _leaves(*tensors):
+    return [t.detach().requires_grad_() for t in tensors], [t.detach().double().requires_grad_() for t in tensors]
+
+
+def _check_grads(out, ref, leaves, ref_leaves, names, dtype):
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    _check(out, ref, "out", dtype)
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        _check(g, r, f"d{name}", dtype)
+
+
+def _max_block(configs, rows: bool) -> int:
+    """The largest BLOCK_M (rows) or other BLOCK_ (hidden, ffn) meta-parameter of the configs."""
+    return max(v for c in configs for k, v in c.kwargs.items() if k.startswith("BLOCK_") and (k == "BLOCK_M") == rows)
+
+
+def run_layernorm(configs, dtype):
+    rows, cols = 37, 200  # not a power of two: a masked chunk tail; 37 rows over the backward's row blocks
+    x = torch.randn(rows, cols).to(dtype)
+    w = (1 + 0.1 * torch.randn(cols)).to(dtype)
+    (xl, wl), (xr, wr) = _leaves(x, w)
+    _check_grads(layer_norm(xl, wl, 1e-5), reference.layer_norm(xr, wr, 1e-5), [xl, wl], [xr, wr], ("x", "w"), dtype)
+
+
+def prune_layernorm(tuner):
+    """The configs layernorm's pruner keeps for run_layernorm's width (its BLOCK_C is the next power of two)."""
+    return tuner.early_config_prune(tuner.all_configs, {"BLOCK_C": triton.next_power_of_2(200)})
+
+
+def run_rope(configs, dtype):
+    block_s = max(c.kwargs["BLOCK_S"] for c in configs)
+    heads = max(c.kwargs["HEADS_PER_PROGRAM"] for c in configs)
+    batch, seq, dim = 2, block_s + 5, 64
+    q = torch.randn(batch, heads + 3, seq, dim).to(dtype)
+    k = torch.randn(batch, 3, seq, dim).to(dtype)  # GQA: fewer k heads than one program's share
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    cos, sin = reference.rope_cos_sin(torch.arange(seq)[None].expand(batch, -1) + 1000, inv_freq)
+    (ql, kl), (qr, kr) = _leaves(q, k)
+    out = torch.cat([t.flatten() for t in rope(ql, kl, cos.float(), sin.float())])
+    ref = torch.cat([t.flatten() for t in reference.rope(qr, kr, cos, sin)])
+    _check_grads(out, ref, [ql, kl], [qr, kr], ("q", "k"), dtype)
+
+
+def run_routing(configs, dtype):
+    tokens, experts, top_k = 150, 16, 4
+    logits = torch.randn(tokens, experts).to(dtype)
+    (ll,), (lr,) = _leaves(logits)
+    r = route(ll, top_k, 1.0)
+    weights, ids = reference.route(lr, top_k, 1.0)
+    assert torch.equal(r.expert_ids.long(), ids), "the kernels choose the reference's experts"
+    slots, offsets = reference.dispatch(ids, experts)
+    assert torch.equal(r.sorted_slots, slots) and torch.equal(r.expert_offsets, offsets)
+    _check_grads(r.weights, weights, [ll], [lr], ("logits",), dtype)
+
+
+def run_moe(configs, dtype):
+    """Four experts: one with every token (one M-tile plus a remainder), one with three quarters, one with the rest,
+    one empty; hidden and ffn one tile of the largest block plus a remainder."""
+    block = _max_block(configs, rows=False)
+    tokens, experts, hidden, ffn = _max_block(configs, rows=True) + 22, 4, block + 24, block + 8
+    ids = torch.zeros(tokens, 2, dtype=torch.long)
+    ids[:, 1] = torch.where(torch.arange(tokens) < 3 * tokens // 4, 1, 2)
+    weights = torch.rand(tokens, 2) + 0.1
+    x = torch.randn(tokens, hidden).to(dtype)
+    w1, v1 = ((torch.randn(experts * ffn, hidden) * hidden**-0.5).to(dtype) for _ in range(2))
+    w2 = (torch.randn(experts * ffn, hidden) * ffn**-0.5).to(dtype)
+    slots, offsets = reference.dispatch(ids, experts)
+    leaves, ref_leaves = _leaves(x, w1, v1, w2, weights)
+    routing = Routing(leaves[4], ids.to(torch.int32), slots, offsets)
+    out = moe_experts_by_routing(*leaves[:4], routing, experts)
+    ref = reference.moe_experts_by_ids(*ref_leaves, ids, experts)
+    _check_grads(out, ref, leaves, ref_leaves, ("x", "w1", "v1", "w2", "weights"), dtype)
+
+
+@dataclass
+class Group:
+    kernels: tuple[str, ...]
+    run: Callable
+    prune: Callable | None = None
+
+
+GROUPS = {
+    "layernorm": Group(("_layernorm_fwd_kernel", "_layernorm_bwd_kernel"), run_layernorm, prune_layernorm),
+    "rope": Group(("_rope_kernel",), run_rope),
+    "routing": Group(("_route_fwd_kernel", "_route_bwd_kernel"), run_routing),
+    "moe": Group(
+        (
+            "_moe_glu_up_fwd_kernel",
+            "_moe_down_fwd_kernel",
+            "_moe_down_bwd_kernel",
+            "_moe_up_dgrad_kernel",
+            "_moe_down_wgrad_kernel",
+            "_moe_up_wgrad_kernel",
+        ),
+        run_moe,
+    ),
+}
+
+
+def runs() -> list:
+    """(group, dtype, i) for every i below the longest config list of the group's kernels in that dtype."""
+    params = []
+    for name, group in GROUPS.items():
+        for dtype in DTYPES:
+            lengths = [len(configs_for(k, dtype, group.prune)) for k in group.kernels if k in TUNERS]
+            for i in range(max(lengths, default=0)):
+                params.append(pytest.param(name, dtype, i, id=f"{name}-{str(dtype)[6:]}-{i}"))
+    return params
+
+
+def test_every_tuner_has_a_case():
+    """A new autotuned kernel must join a group here, and every tuner must keep its configs (kernels/autotune.py)."""
+    grouped = {k for g in GROUPS.values() for k in g.kernels}
+    assert set(TUNERS) <= grouped, f"autotuned kernels without a case: {sorted(set(TUNERS) - grouped)}"
+    assert grouped <= set(TUNERS), f"cases for kernels that are not autotuned: {sorted(grouped - set(TUNERS))}"
+    for kernel, tuners in TUNERS.items():
+        for cls, tuner in tuners.items():
+            assert hasattr(tuner, "all_configs"), f"{kernel} {cls}: made by triton.autotune, not kernels.autotune"
+            assert cls in ("", *CLASS_DTYPES), f"{kernel}: GEMM class {cls!r} has no dtypes here"
+
+
+@pytest.mark.parametrize(("group", "dtype", "index"), runs())
+def test_config(group, dtype, index):
+    g = GROUPS[group]
+    chosen = {}
+    with ExitStack() as stack:
+        for kernel in g.kernels:
+            configs = configs_for(kernel, dtype, g.prune)
+            chosen[kernel] = configs[index % len(configs)]
+            for tuner in TUNERS[kernel].values():
+                stack.enter_context(forced_config(tuner, chosen[kernel]))
+        try:
+            g.run(list(chosen.values()), dtype)
+        except AssertionError as e:
+            forced = "; ".join(f"{k}: {c}" for k, c in chosen.items())
+            raise AssertionError(f"{e}\nwith configs {forced}") from e
