@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from models import tiny_config, tiny_model
 from packaging.version import Version
 from torch import nn
 from transformers import DbrxForCausalLM, DbrxModel
+from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
 import dbrx_fast
-from dbrx_fast import backend
+from dbrx_fast import backend, reference
 
 PATCH_MODULE = importlib.import_module("dbrx_fast.patch")  # `dbrx_fast.patch` itself is the function
 
@@ -206,3 +208,53 @@ def test_tensors_on_mixed_devices_take_the_stock_path_with_a_warning():
     weight_elsewhere = torch.randn(8, device="meta")
     with pytest.warns(UserWarning, match="several devices"):
         assert backend.choose_path("torch", "LayerNorm", x, weight_elsewhere) == "stock"
+
+
+@pytest.mark.parametrize("theta_from", ["rope_parameters", "patch's rope_theta fix"])
+def test_rope_of_a_bf16_cast_model_at_long_positions_is_fp32_accurate(theta_from):
+    """model.to(bfloat16) rounds the inv_freq buffer; the patched rotary embedding derives fp32 frequencies from the
+    theta in use instead (cos would be off by up to 2 at head_dim 128 and positions 8128-8191 otherwise)."""
+    theta, head_dim = 500000.0, 128
+    consistent = {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    model = tiny_model(
+        tiny_config(
+            n_heads=1,
+            kv_n_heads=1,
+            head_dim=head_dim,
+            rope_theta=theta,
+            **(consistent if theta_from == "rope_parameters" else {}),
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dbrx_fast: the checkpoint's attn_config.rope_theta")
+        dbrx_fast.patch(model, backend="torch")
+    rotary = model.to(torch.bfloat16).transformer.rotary_emb
+    assert rotary.inv_freq.dtype == torch.bfloat16
+    positions = torch.arange(8128, 8192)[None]
+
+    cos, sin = rotary(torch.empty(0, dtype=torch.bfloat16), positions)
+    inv_freq64 = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions[..., None].double() * inv_freq64
+    angles = torch.cat((angles, angles), dim=-1)
+    assert cos.dtype == sin.dtype == torch.float32
+    assert (cos - angles.cos()).abs().max() < 1e-3
+    assert (sin - angles.sin()).abs().max() < 1e-3
+    # What the test guards against: the same fp32 maths from the rounded buffer.
+    rounded_cos, _ = reference.rope_cos_sin(positions, rotary.inv_freq.float())
+    assert (rounded_cos - angles.cos()).abs().max() > 0.5
+    dbrx_fast.unpatch(model)
+    assert not hasattr(rotary, "dbrx_fast_rope_theta")
+
+
+def test_patch_swaps_the_experts_with_the_ffn_and_leaves_replaced_experts_stock():
+    model = dbrx_fast.patch(tiny_model(), backend="torch")
+    assert [type(b.ffn.experts).__name__ for b in model.transformer.blocks] == ["FastDbrxExperts"] * 2
+
+    class CustomExperts(DbrxExperts):
+        pass
+
+    model = tiny_model()
+    model.transformer.blocks[0].ffn.experts.__class__ = CustomExperts
+    with pytest.warns(UserWarning, match="MoE left stock.*CustomExperts"):
+        dbrx_fast.patch(model, backend="torch")
+    assert [type(b.ffn).__name__ for b in model.transformer.blocks] == ["DbrxFFN", "FastDbrxFFN"]
