@@ -6,6 +6,7 @@ is changed: a patch that raises leaves the model untouched. `unpatch` restores t
 """
 
 import math
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -107,7 +108,7 @@ def patch(
     swapped = []
     for module, fast_class in swaps:
         swapped.append((module, type(module)))
-        module.__class__ = fast_class
+        _set_class(module, fast_class)
         module.dbrx_fast_options = options
     if type(rotary) is FastRotaryEmbedding:
         rotary.dbrx_fast_rope_theta = rope_theta
@@ -121,7 +122,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is None:
         return model
     for module, original_class in record.swapped:
-        module.__class__ = original_class
+        _set_class(module, original_class)
         del module.dbrx_fast_options
         vars(module).pop("dbrx_fast_rope_theta", None)
     if record.rotary_inv_freq is not None:
@@ -134,6 +135,18 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     return _RECORD in vars(model)
+
+
+def _set_class(module: nn.Module, cls: type) -> None:
+    """module.__class__ = cls, and the same for a forward bound to the instance: accelerate's hooks (device_map) keep
+    the module's forward as `_old_forward` and replace `forward` on the instance, so without this a module hooked
+    before patching would keep running its old class's forward."""
+    old_forward = type(module).forward
+    module.__class__ = cls
+    for name in ("forward", "_old_forward"):
+        bound = vars(module).get(name)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_forward:
+            setattr(module, name, types.MethodType(cls.forward, module))
 
 
 def _warn(message: str) -> None:

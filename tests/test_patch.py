@@ -1,6 +1,7 @@
 """The patcher: instance-level, in place, idempotent, reversible; parameters, state_dict and wrappers survive."""
 
 import copy
+import functools
 import importlib
 import warnings
 
@@ -258,3 +259,42 @@ def test_patch_swaps_the_experts_with_the_ffn_and_leaves_replaced_experts_stock(
     with pytest.warns(UserWarning, match="MoE left stock.*CustomExperts"):
         dbrx_fast.patch(model, backend="torch")
     assert [type(b.ffn).__name__ for b in model.transformer.blocks] == ["DbrxFFN", "FastDbrxFFN"]
+
+
+def add_accelerate_style_hook(module: nn.Module, calls: list) -> None:
+    """What accelerate.hooks.add_hook_to_module does (device_map dispatch hooks wte, each block, norm_f and lm_head):
+    the module's bound forward is kept as `_old_forward` and `forward` is replaced on the instance."""
+    module._old_forward = module.forward
+
+    def new_forward(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return module._old_forward(*args, **kwargs)
+
+    module.forward = functools.partial(new_forward, module)
+
+
+def test_modules_hooked_by_accelerate_before_patching_run_the_fast_forward(monkeypatch):
+    model = tiny_model()
+    stock = copy.deepcopy(model)
+    calls, ran = [], []
+    add_accelerate_style_hook(model.transformer.norm_f, calls)
+    add_accelerate_style_hook(model.transformer.blocks[0].ffn.experts, calls)
+
+    def counted(name, fn):
+        return lambda *args: ran.append(name) or fn(*args)
+
+    for name in ("layer_norm", "dispatch"):
+        monkeypatch.setattr(reference, name, counted(name, getattr(reference, name)))
+    ids = torch.randint(0, 97, (2, 6))
+
+    dbrx_fast.patch(model, backend="torch")
+    out = model(ids).logits
+    assert calls == ["FastDbrxExperts", "FastLayerNorm"]
+    assert ran.count("layer_norm") == 5 and ran.count("dispatch") == 2  # norm_f and block 0's experts are fast too
+    torch.testing.assert_close(out, stock(ids).logits, rtol=1e-5, atol=1e-5)
+
+    dbrx_fast.unpatch(model)
+    calls.clear()
+    ran.clear()
+    assert torch.equal(model(ids).logits, stock(ids).logits)
+    assert calls == ["DbrxExperts", "LayerNorm"] and ran == []
