@@ -8,6 +8,7 @@ compiler interfaces, and their tiles are checked to compile without spills only 
 benchmarks/results/compile-check/), so an older Triton would fail inside a kernel or run configs nobody checked.
 """
 
+import os
 import re
 
 import triton
@@ -30,3 +31,9 @@ def triton_version_problem(version: str) -> str | None:
 
 if (_problem := triton_version_problem(triton.__version__)) is not None:
     raise ImportError(_problem)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Every interpreted kernel then multiplies as a GPU's tensor cores do (see interpreter.py).
+    from .interpreter import install_gpu_dot
+
+    install_gpu_dot()

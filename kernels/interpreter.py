@@ -57,13 +57,17 @@ def nan_rule(rule: str):
 # The interpreter's `InterpreterBuilder.create_dot` hands the operands' storage arrays to np.matmul. bf16 is stored as
 # uint16, so a bf16 dot multiplies bit patterns; and an fp32 dot is full fp32 whatever its input_precision. On a GPU,
 # 16-bit operands enter the tensor cores exactly and products accumulate in fp32; an fp32 dot with input_precision
-# "tf32" (tl.dot's default) sees each operand with its low 13 mantissa bits cut off: Triton passes the fp32 registers
-# to mma.sync / wgmma `.tf32` unconverted (no cvt.rna.tf32.f32 in the PTX Triton 3.6 and 3.9 emit for sm_80 and sm_90;
-# only "tf32x3" rounds, with cvt.rna), and the tensor cores ignore those bits (Triton maintainers in
-# triton-lang/triton#4574: its TF32 dot truncates, rounding first with cvt.rna matches cuBLAS). `gpu_create_dot`
-# does the same in numpy; other operand types (int8, fp8, fp64) and the other precisions keep the interpreter's rule.
+# "tf32" (tl.dot's default) sees each operand with its low 13 mantissa bits cut off. Triton does not round: the PTX
+# that Triton 3.6 and 3.9 emit for sm_80 and sm_90 feeds the fp32 values to mma.sync / wgmma `.tf32` unconverted
+# (only "tf32x3" rounds, with cvt.rna.tf32.f32), and the SASS has no conversion either (sm_90's HGMMA reads the tiles
+# straight from shared memory); the tensor cores then ignore those bits, so TF32 in Triton truncates, where cuBLAS
+# rounds (Triton's maintainers in triton-lang/triton#4574: adding cvt.rna made it match torch). `gpu_create_dot` does
+# the same in numpy; other operand types (int8, fp8, fp64) and the other precisions keep the interpreter's rule.
 _TF32_MASK = np.uint32(0xFFFFE000)  # sign, exponent and the 10 mantissa bits TF32 keeps
-_interpreter_create_dot = interpreter.InterpreterBuilder.create_dot
+# The interpreter's own, also when this module is imported again after `install_gpu_dot`.
+interpreter_create_dot = getattr(
+    interpreter.InterpreterBuilder.create_dot, "interpreter_create_dot", interpreter.InterpreterBuilder.create_dot
+)
 
 
 def tf32_truncate(x: np.ndarray) -> np.ndarray:
@@ -87,9 +91,12 @@ def _dot_operand(t, input_precision) -> np.ndarray:
 def gpu_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     """`InterpreterBuilder.create_dot` with the GPU's numerics for bf16, fp16 and fp32 operands (see above)."""
     if a.dtype not in (tl.bfloat16, tl.float16, tl.float32) or d.dtype != tl.float32:
-        return _interpreter_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return interpreter_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
     product = np.matmul(_dot_operand(a, input_precision), _dot_operand(b, input_precision), dtype=np.float32)
     return interpreter.TensorHandle(product + d.data, tl.float32)
+
+
+gpu_create_dot.interpreter_create_dot = interpreter_create_dot
 
 
 def install_gpu_dot() -> None:

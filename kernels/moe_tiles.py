@@ -14,7 +14,6 @@ Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, a
 """
 
 import inspect
-import os
 
 import torch
 import triton
@@ -125,20 +124,24 @@ GEMM_CLASS_DTYPES = {"16bit": ("bf16", "fp16"), "tf32": ("fp32",), "fp32_dot": (
 
 @triton.jit
 def dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b. FP32_DOT multiplies in full fp32: for fp32 inputs when TF32 is not allowed, and under the Triton
-    interpreter, whose bf16 tl.dot is wrong."""
+    """acc + a @ b. FP32_DOT multiplies in full fp32, for fp32 inputs when TF32 is not allowed (see `gemm_class`);
+    otherwise a and b must be in their storage dtype, 16-bit or fp32 (TF32), as the tensor cores take them: a tile
+    upcast on the way would double the shared memory and cut the MMA rate, and under the interpreter would hide the
+    rounding the GPU does."""
+    tl.static_assert(a.dtype == b.dtype, "dot: both operands in one dtype")
     if FP32_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    tl.static_assert(a.dtype.primitive_bitwidth == 16 or a.dtype == tl.float32, "dot: 16-bit or fp32 operands")
     return tl.dot(a, b, acc)
 
 
 def gemm_class(dtype: torch.dtype) -> tuple[str, bool]:
-    """(GEMM class, FP32_DOT) of a launch on `dtype` tensors, forward and backward alike (see `dot`)."""
-    fp32_dot = os.environ.get("TRITON_INTERPRET") == "1" or (
-        dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    )
+    """(GEMM class, FP32_DOT) of a launch on `dtype` tensors, forward and backward alike: fp32 multiplies in full
+    fp32 when torch's matmul precision is "highest" (torch.backends.cuda.matmul.allow_tf32 = True sets it to "high"),
+    else in TF32. The same under the interpreter, which then emulates the tensor cores (kernels/interpreter.py)."""
     if dtype != torch.float32:
-        return "16bit", fp32_dot
+        return "16bit", False
+    fp32_dot = torch.get_float32_matmul_precision() == "highest"
     return ("fp32_dot" if fp32_dot else "tf32"), fp32_dot
 
 

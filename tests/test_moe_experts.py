@@ -6,24 +6,36 @@ so these tests need no routing kernel, except the one that runs the real router 
 allocates starts as NaN, so an element it forgets to write fails.
 """
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from accuracy import EPS, assert_accurate, rel_err
 from moe_cases import BY_NAME, CASE_IDS, CASES, Case
+from specialization import compiled_variants, unspecialised
+from tf32 import TF32Matmuls, matmul_precision, tf32
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts
+from triton.runtime import interpreter
 
 from dbrx_fast import reference
+from dbrx_fast.kernels import interpreter as gpu_interpreter
+from dbrx_fast.kernels import moe_experts as fwd_kernels
+from dbrx_fast.kernels.autotune import forced_config
+from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_experts import moe_combine, moe_down, moe_glu_up
 from dbrx_fast.kernels.moe_routing import Routing
+from dbrx_fast.kernels.moe_tiles import dot
 from dbrx_fast.ops.moe import moe_experts_by_routing
 from dbrx_fast.ops.routing import route
 
 pytestmark = pytest.mark.interpreter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # The interpreter runs the backward GEMMs slowly: E = 16 with k = 4 once (one token, so twelve empty experts), then
@@ -353,3 +365,99 @@ def test_functional_checks_num_experts(device):
     x, w1, v1, w2, routing = _problem(case, torch.float32, device)
     with pytest.raises(ValueError, match="expected E\\+1 = 9"):
         moe_experts_by_routing(x, w1, v1, w2, routing, 8)
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, gemm_class, fp32_dot",
+    [
+        (torch.bfloat16, "highest", "16bit", False),
+        (torch.float16, "highest", "16bit", False),
+        (torch.float32, "highest", "fp32_dot", True),
+        (torch.float32, "high", "tf32", False),
+    ],
+    ids=["bf16", "fp16", "fp32-ieee", "fp32-tf32"],
+)
+def test_gemm_class_of_each_launch(dtype, precision, gemm_class, fp32_dot, device, monkeypatch):
+    """Every GEMM launch takes its dtype's class and FP32_DOT as on a GPU, under the interpreter too: 16 bits on the
+    tensor-core path (no fp32 upcast), fp32 in full fp32 only when torch's matmul precision is "highest"."""
+    seen = []
+
+    def spy(kernel, grid, *args, **meta):
+        seen.append((kernel, meta["FP32_DOT"]))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fwd_kernels, "launch", spy)
+    case = BY_NAME["T37_E4_k2"]
+    x, w1, v1, w2, routing = _problem(case, dtype, device)
+    with matmul_precision(precision):
+        h, _, _ = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, case.top_k, False)
+        moe_down(h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, case.top_k)
+    assert seen == [(fwd_kernels._GLU_UP[gemm_class], fp32_dot), (fwd_kernels._DOWN[gemm_class], fp32_dot)]
+
+
+@pytest.mark.parametrize("case", [BY_NAME["T37_E4_k2"], BY_NAME["multi_tile"]], ids=["T37_E4_k2", "multi_tile"])
+def test_forward_tf32(case, device):
+    """fp32 with TF32 allowed: the tf32 dots against float64, judged against stock in fp32 with every matmul operand
+    truncated to TF32 as the tensor cores read it (tests/tf32.py). The error must be TF32's, not fp32's: were the dots
+    full fp32, the mode would be untested."""
+    x, w1, v1, w2, routing = _problem(case, torch.float32, device)
+    k = case.top_k
+    with matmul_precision("high"):
+        h, _, _ = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, k, False)
+        y = moe_down(h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, k)
+    out = moe_combine(y, k, torch.float32)
+    with torch.no_grad(), TF32Matmuls():
+        baseline = _stock(x, w1, v1, w2, routing, case.experts)
+    ref = _reference64(x, w1, v1, w2, routing, case.experts)
+    assert_accurate(out, ref, baseline)
+    assert rel_err(out, ref) > 2**-16, "TF32 mode multiplied in full fp32"
+
+
+@triton.jit
+def _dot_toy_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr, FP32_DOT: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    c = dot(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.zeros((N, N), dtype=tl.float32), FP32_DOT)
+    tl.store(c_ptr + offs, c)
+
+
+@pytest.mark.parametrize(
+    "dtype, fp32_dot", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
+)
+def test_dot_multiplies_as_tensor_cores(dtype, fp32_dot, device, monkeypatch):
+    """`dot`, which every expert GEMM uses, on one 32x32 tile: bf16 and fp16 products exact and summed in fp32; fp32
+    on operands truncated to TF32, or in full fp32 with FP32_DOT. On a GPU this checks the hardware (TF32 truncation
+    included); under the interpreter it checks kernels/interpreter.py's create_dot, and that the interpreter's own
+    gets bf16 and TF32 wrong, so that the fix is what makes the 16-bit and TF32 tests mean anything."""
+    n = 32
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device)
+    _dot_toy_kernel[(1,)](a, b, c, N=n, FP32_DOT=fp32_dot)
+    rounded = (a, b) if dtype != torch.float32 or fp32_dot else (tf32(a), tf32(b))
+    ref = rounded[0].double() @ rounded[1].double()
+    assert_accurate(c, ref)
+    if INTERPRETED and (dtype == torch.bfloat16 or (dtype == torch.float32 and not fp32_dot)):
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", gpu_interpreter.interpreter_create_dot)
+        _dot_toy_kernel[(1,)](a, b, c, N=n, FP32_DOT=fp32_dot)
+        assert rel_err(c, ref) > 1e-5, "the interpreter's own create_dot is right here: the fix would not matter"
+
+
+def test_row_counts_are_not_specialised():
+    """The row count and its bucket only bound masks, loops and the autotune key: not specialised on, so that a new
+    T (1 in decode) compiles nothing."""
+    for kernel in (fwd_kernels._moe_glu_up_fwd_kernel, fwd_kernels._moe_down_fwd_kernel):
+        assert unspecialised(kernel) == {"num_rows", "rows_bucket"}
+
+
+@pytest.mark.gpu
+def test_new_row_counts_compile_nothing(device):
+    """Decode (T = 1) and prefills of any length share each forward kernel's one compiled variant per config."""
+    case = BY_NAME["T37_E16_k4"]
+    up, down = fwd_kernels._GLU_UP["16bit"], fwd_kernels._DOWN["16bit"]
+    counts = []
+    with forced_config(up, up.all_configs[0]), forced_config(down, down.all_configs[0]):
+        for tokens in (1, 7, 300, 1000):
+            x, w1, v1, w2, routing = _problem(Case("rows", tokens, case.experts, case.top_k), torch.bfloat16, device)
+            h, _, _ = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, case.top_k, False)
+            moe_down(h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, case.top_k)
+            counts.append((compiled_variants(up), compiled_variants(down)))
+    assert counts == counts[:1] * 4

@@ -6,6 +6,8 @@ so these tests need no forward kernel. Each launcher is compared with float64 au
 accuracy baseline. Every buffer a launcher allocates is filled with NaN first, so an element it forgets to write fails.
 """
 
+import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -14,8 +16,14 @@ import torch
 import torch.nn.functional as F
 from accuracy import EPS, assert_accurate, rel_err
 from moe_cases import BY_NAME, CASE_IDS, CASES, Case
+from specialization import compiled_variants, unspecialised
+from tf32 import TF32Matmuls, matmul_precision
 
 from dbrx_fast import reference
+from dbrx_fast.kernels import moe_input_grads as input_grads
+from dbrx_fast.kernels import moe_weight_grads as weight_grads
+from dbrx_fast.kernels.autotune import forced_config
+from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_input_grads import moe_down_bwd, moe_up_dgrad
 from dbrx_fast.kernels.moe_weight_grads import moe_down_wgrad, moe_up_wgrad
 
@@ -325,3 +333,89 @@ def test_bad_input(device):
         moe_up_dgrad(dgate, dup.bfloat16(), p.w1, p.v1, p.sorted_slots, p.expert_offsets, p.top_k, 37)
     with pytest.raises(ValueError, match="expert_offsets"):
         moe_up_dgrad(dgate, dup, p.w1, p.v1, p.sorted_slots, p.expert_offsets[:1], p.top_k, 37)
+
+
+@pytest.mark.parametrize(
+    "dtype, precision, gemm_class, fp32_dot",
+    [
+        (torch.bfloat16, "highest", "16bit", False),
+        (torch.float16, "highest", "16bit", False),
+        (torch.float32, "highest", "fp32_dot", True),
+        (torch.float32, "high", "tf32", False),
+    ],
+    ids=["bf16", "fp16", "fp32-ieee", "fp32-tf32"],
+)
+def test_gemm_class_of_each_launch(dtype, precision, gemm_class, fp32_dot, device, monkeypatch):
+    """Every GEMM launch takes its dtype's class and FP32_DOT as on a GPU, under the interpreter too: 16 bits on the
+    tensor-core path (no fp32 upcast), fp32 in full fp32 only when torch's matmul precision is "highest"."""
+    seen = []
+
+    def spy(kernel, grid, *args, **meta):
+        if kernel is not input_grads._moe_sum_partials_kernel:
+            seen.append((kernel, meta["FP32_DOT"]))
+        launch(kernel, grid, *args, **meta)
+
+    for module in (input_grads, weight_grads):
+        monkeypatch.setattr(module, "launch", spy)
+    p = _problem(BY_NAME["T37_E4_k2"], dtype, device)
+    with matmul_precision(precision):
+        _backward(p)
+    tuners = (input_grads._DOWN_BWD, weight_grads._DOWN_WGRAD, input_grads._UP_DGRAD, weight_grads._UP_WGRAD)
+    assert seen == [(tuner[gemm_class], fp32_dot) for tuner in tuners]
+
+
+@pytest.mark.parametrize("case", [BY_NAME["T37_E4_k2"], BY_NAME["multi_tile"]], ids=["T37_E4_k2", "multi_tile"])
+def test_backward_tf32(case, device):
+    """fp32 with TF32 allowed: each launcher against float64 autograd, judged against stock fp32 autograd with every
+    matmul operand, forward and backward, truncated to TF32 as the tensor cores read it (tests/tf32.py). The error
+    must be TF32's, not fp32's: were the dots full fp32, the mode would be untested."""
+    p = _problem(case, torch.float32, device)
+    dgate_in, dup_in = (torch.randn_like(p.gate) for _ in range(2))
+    with matmul_precision("high"):
+        dgate, dup, dweights = moe_down_bwd(
+            p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k
+        )
+        dw2 = moe_down_wgrad(p.gate, p.up, p.dout, p.weights, p.sorted_slots, p.expert_offsets, p.top_k, case.experts)
+        dx = moe_up_dgrad(dgate_in, dup_in, p.w1, p.v1, p.sorted_slots, p.expert_offsets, p.top_k, case.tokens)
+        dw1, dv1 = moe_up_wgrad(dgate_in, dup_in, p.x, p.sorted_slots, p.expert_offsets, p.top_k, case.experts)
+    down_ref, up_ref = _down_grads(p, torch.float64), _up_grads(p, dgate_in, dup_in, torch.float64)
+    with TF32Matmuls():
+        down_base, up_base = _down_grads(p, torch.float32), _up_grads(p, dgate_in, dup_in, torch.float32)
+    got = {
+        "dgate": (dgate, down_ref[0], down_base[0]),
+        "dup": (dup, down_ref[1], down_base[1]),
+        "dw2": (dw2, down_ref[2], down_base[2]),
+        "dweights": (dweights, down_ref[3], down_base[3]),
+        "dx": (dx, up_ref[0], up_base[0]),
+        "dw1": (dw1, up_ref[1], up_base[1]),
+        "dv1": (dv1, up_ref[2], up_base[2]),
+    }
+    for name, (grad, ref, base) in got.items():
+        assert_accurate(grad, ref, base, what=name)
+        assert rel_err(grad, ref) > 2**-16, f"{name}: TF32 mode multiplied in full fp32"
+
+
+def test_row_counts_are_not_specialised():
+    """The row count and its bucket only bound masks, loops and the autotune key: not specialised on, so that a new
+    T (1 in decode) compiles nothing."""
+    kernels = [getattr(input_grads, f"_moe_{name}_kernel") for name in ("down_bwd", "up_dgrad", "sum_partials")]
+    kernels += [getattr(weight_grads, f"_moe_{name}_kernel") for name in ("down_wgrad", "up_wgrad")]
+    for kernel in kernels:
+        # The row count, and its bucket where the kernel takes one (an autotune key).
+        sizes = {"num_rows", "rows_bucket"} & set(inspect.signature(kernel.fn).parameters)
+        assert "num_rows" in sizes and unspecialised(kernel) == sizes, kernel.fn.__name__
+
+
+@pytest.mark.gpu
+def test_new_row_counts_compile_nothing(device):
+    """Backward launches for any T share each kernel's one compiled variant per config."""
+    tuners = [t["16bit"] for t in (input_grads._DOWN_BWD, weight_grads._DOWN_WGRAD)]
+    tuners += [t["16bit"] for t in (input_grads._UP_DGRAD, weight_grads._UP_WGRAD)]
+    counts = []
+    with contextlib.ExitStack() as stack:
+        for tuner in tuners:
+            stack.enter_context(forced_config(tuner, tuner.all_configs[0]))
+        for tokens in (1, 7, 300, 1000):
+            _backward(_problem(Case("rows", tokens, 16, 4), torch.bfloat16, device))
+            counts.append([compiled_variants(k) for k in (*tuners, input_grads._moe_sum_partials_kernel)])
+    assert counts == counts[:1] * 4
