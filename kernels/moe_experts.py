@@ -238,8 +238,13 @@ def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_GLU_UP = autotuned_by_class(_moe_glu_up_fwd_kernel, _up_configs(), ["rows_bucket", "hidden", "ffn", "SAVE_PREACT"])
-_DOWN = autotuned_by_class(_moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn"])
+# Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
+_GLU_UP = autotuned_by_class(
+    _moe_glu_up_fwd_kernel, _up_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "SAVE_PREACT", "FP32_DOT"]
+)
+_DOWN = autotuned_by_class(
+    _moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+)
 
 
 @torch.library.triton_op("dbrx_fast::moe_glu_up", mutates_args={})

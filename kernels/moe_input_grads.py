@@ -62,13 +62,14 @@ from .moe_tiles import (
 _DOWN_BWD_BLOCK_N = 128
 _SUM_PARTIALS_BLOCK = 1024
 
-# Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling; the tiles left out
-# spilled or overflowed sm_80's shared memory.
+# Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
+# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory.
 
 
 def _down_bwd_configs() -> dict[str, list]:
     """dh' = dout @ w2_e.T tiles (M = rows, N = F fixed at _DOWN_BWD_BLOCK_N, K = H). 128-row tiles need 8 warps and
-    the split epilogue to fit in 16 bits, and spill in fp32."""
+    the split epilogue to fit in 16 bits, and spill in fp32. fp32_dot pins 32 rows: 64 rows with BLOCK_K = 16 spill
+    with Triton 3.6 (its ptxas stops at 128 registers there)."""
     return {
         "16bit": [
             config(8, 3, BLOCK_M=128, BLOCK_K=64, GROUP_M=8),
@@ -78,7 +79,7 @@ def _down_bwd_configs() -> dict[str, list]:
         ],
         "tf32": [config(8, 4, BLOCK_M=64, BLOCK_K=32, GROUP_M=8), config(8, 3, BLOCK_M=64, BLOCK_K=64, GROUP_M=8)],
         "fp32_dot": [
-            config(8, 3, BLOCK_M=64, BLOCK_K=16, GROUP_M=8),
+            config(8, 3, BLOCK_M=32, BLOCK_K=16, GROUP_M=8),
             config(8, 2, BLOCK_M=64, BLOCK_K=32, GROUP_M=8),
             config(8, 2, BLOCK_M=32, BLOCK_K=32, GROUP_M=8),
         ],
@@ -332,8 +333,13 @@ def _moe_up_dgrad_kernel(
     tl.store(dx_slot_ptr + out_offs, acc, mask=row_mask[:, None] & col_mask[None, :])
 
 
-_DOWN_BWD = autotuned_by_class(_moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn"])
-_UP_DGRAD = autotuned_by_class(_moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn"])
+# Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
+_DOWN_BWD = autotuned_by_class(
+    _moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+)
+_UP_DGRAD = autotuned_by_class(
+    _moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+)
 
 
 @torch.library.triton_op("dbrx_fast::moe_down_bwd", mutates_args={})

@@ -36,18 +36,19 @@ from .moe_checks import (
 )
 from .moe_tiles import autotuned_by_class, chunk_rows, config, dot, expert_rows, gemm_class, gemm_specs
 
-# Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling; the tiles left out
-# spilled or overflowed sm_80's shared memory.
+# Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
+# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory.
 
 
 def _down_wgrad_configs() -> dict[str, list]:
-    """dw2 tiles (output [BLOCK_F, BLOCK_H], K = the expert's rows in steps of BLOCK_M)."""
+    """dw2 tiles (output [BLOCK_F, BLOCK_H], K = the expert's rows in steps of BLOCK_M). In 16 bits the 4-warp tiles
+    with BLOCK_F = 128 step 16 rows: with 32 they spill on sm_80 with Triton 3.6."""
     return {
         "16bit": [
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
-            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
+            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16),
             config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
-            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32),
+            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16),
         ],
         "tf32": [
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
@@ -63,17 +64,18 @@ def _down_wgrad_configs() -> dict[str, list]:
 
 
 def _up_wgrad_configs() -> dict[str, list]:
-    """dw1 and dv1 tiles: two fp32 accumulators, so 128x128 is the largest output tile."""
+    """dw1 and dv1 tiles: two fp32 accumulators, so 128x128 is the largest output tile. 4-warp tiles step 32 rows in
+    16 bits and 16 in tf32: twice that spills on sm_80 with Triton 3.6."""
     return {
         "16bit": [
             config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64),
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64),
-            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=64),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
+            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32),
         ],
         "tf32": [
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16),
             config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
         ],
         "fp32_dot": [
@@ -84,7 +86,7 @@ def _up_wgrad_configs() -> dict[str, list]:
     }
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_down_wgrad_kernel(
     gate_ptr,
     up_ptr,
@@ -94,6 +96,7 @@ def _moe_down_wgrad_kernel(
     expert_offsets_ptr,
     dw2_ptr,
     num_rows,
+    rows_bucket,  # autotune key only: next power of two of num_rows, so a new length does not re-tune
     hidden,
     ffn,
     top_k,
@@ -147,7 +150,7 @@ def _moe_down_wgrad_kernel(
     tl.store(dw2_ptr + out_offs, acc.to(dw2_ptr.dtype.element_ty), mask=f_mask[:, None] & h_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_up_wgrad_kernel(
     dgate_ptr,
     dup_ptr,
@@ -157,6 +160,7 @@ def _moe_up_wgrad_kernel(
     dw1_ptr,
     dv1_ptr,
     num_rows,
+    rows_bucket,  # autotune key only: next power of two of num_rows, so a new length does not re-tune
     hidden,
     ffn,
     top_k,
@@ -205,8 +209,11 @@ def _moe_up_wgrad_kernel(
     tl.store(dv1_ptr + out_offs, acc_v1.to(dv1_ptr.dtype.element_ty), mask=out_mask)
 
 
-_DOWN_WGRAD = autotuned_by_class(_moe_down_wgrad_kernel, _down_wgrad_configs(), ["hidden", "ffn"])
-_UP_WGRAD = autotuned_by_class(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["hidden", "ffn"])
+# Keys: the row bucket (it sets each program's trip count), the widths and FP32_DOT.
+_DOWN_WGRAD = autotuned_by_class(
+    _moe_down_wgrad_kernel, _down_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"]
+)
+_UP_WGRAD = autotuned_by_class(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"])
 
 
 @torch.library.triton_op("dbrx_fast::moe_down_wgrad", mutates_args={})
@@ -253,6 +260,7 @@ def moe_down_wgrad(
         expert_offsets,
         dw2,
         num_rows,
+        triton.next_power_of_2(num_rows),
         hidden,
         ffn,
         top_k,
@@ -311,6 +319,7 @@ def moe_up_wgrad(
         dw1,
         dv1,
         num_rows,
+        triton.next_power_of_2(num_rows),
         hidden,
         ffn,
         top_k,

@@ -9,6 +9,8 @@ that `triton.compile` rejects (measured: AttributeError, no `cache_key`). So `in
 subprocess without the variable (a few seconds to start, once per fixture), and in-process where a GPU is present.
 """
 
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -17,6 +19,7 @@ import sys
 import pytest
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -32,6 +35,7 @@ from dbrx_fast.inspect import (
     select_specs,
 )
 from dbrx_fast.kernels.compile_spec import CompileSpec
+from dbrx_fast.kernels.moe_tiles import GEMM_CLASS_DTYPES
 from dbrx_fast.kernels.registry import all_compile_specs
 
 ARCHS = (80, 90)
@@ -67,6 +71,61 @@ def test_compiles_for_gpu(registry_records, registry_case):
     record = registry_records[registry_case]
     assert not record.problems, "\n".join(record.problems)
     assert record.regs > 0 and record.instrs > 0, record
+
+
+def _moe_tuners() -> list[tuple[str, str, Autotuner]]:
+    """(name, GEMM class, autotuner) of every MoE grouped-GEMM launch: the per-class autotuners the launchers pick."""
+    found = []
+    for module_name in ("moe_experts", "moe_input_grads", "moe_weight_grads"):
+        module = importlib.import_module(f"dbrx_fast.kernels.{module_name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, dict) and value and all(isinstance(t, Autotuner) for t in value.values()):
+                found += [(f"{module_name}.{attr}", cls, tuner) for cls, tuner in value.items()]
+    return found
+
+
+def _spec_dtype(spec: CompileSpec) -> str:
+    types = set(spec.signature.values())
+    return next((dtype for dtype in ("bf16", "fp16") if f"*{dtype}" in types), "fp32")
+
+
+def test_moe_autotune_keys_hold_every_code_changing_argument():
+    tuners = _moe_tuners()
+    assert {name for name, _, _ in tuners} == {f"moe_experts.{n}" for n in ("_GLU_UP", "_DOWN")} | {
+        f"moe_input_grads.{n}" for n in ("_DOWN_BWD", "_UP_DGRAD")
+    } | {f"moe_weight_grads.{n}" for n in ("_DOWN_WGRAD", "_UP_WGRAD")}
+    for name, cls, tuner in tuners:
+        params = inspect.signature(tuner.fn.fn).parameters
+        constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}
+        tiles = set().union(*(cfg.kwargs for cfg in tuner.all_configs))
+        fixed = {"BLOCK_N"} if name == "moe_input_grads._DOWN_BWD" else set()  # one value for every launch
+        needed = (constexprs - tiles - fixed) | {"rows_bucket", "hidden", "ffn"}
+        missing = needed - set(tuner.keys)
+        # A config tuned in one mode (FP32_DOT, SAVE_PREACT, ...) or at one row count must not be reused in another.
+        assert not missing, f"{name}[{cls}]: autotune key {tuner.keys} lacks {sorted(missing)}"
+
+
+def test_moe_specs_cover_every_config_in_every_mode():
+    specs = all_compile_specs()
+    for name, cls, tuner in _moe_tuners():
+        mine = [s for s in specs if s.kernel is tuner.fn and s.constexprs["FP32_DOT"] == (cls == "fp32_dot")]
+        assert all(s.matrix == (cls != "fp32_dot") for s in mine), name
+        modes = (True, False) if "SAVE_PREACT" in inspect.signature(tuner.fn.fn).parameters else (None,)
+        found = {
+            (
+                _spec_dtype(s),
+                s.constexprs.get("SAVE_PREACT"),
+                tuple(sorted((k, s.constexprs.get(k)) for k in tuner.all_configs[0].kwargs)),
+                s.num_warps,
+                s.num_stages,
+            )
+            for s in mine
+        }
+        for cfg in tuner.all_configs:
+            for dtype in GEMM_CLASS_DTYPES[cls]:
+                for save in modes:
+                    want = (dtype, save, tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+                    assert want in found, f"{name}[{cls}]: no compile spec for {want}"
 
 
 # ---- toy kernels for the self-test: each one trips one check, or none ----
