@@ -11,6 +11,11 @@ memory than the architecture has, or is a tl.dot kernel (`matrix=True`) whose sm
 
 Pointer arguments are compiled as 16-byte aligned, as the JIT specializes them for any fresh torch allocation.
 
+The result depends on the Triton release, whose ptxas allocates the registers: Triton 3.6 builds both architectures
+with its ptxas 12.8, Triton 3.9 sm_80 with ptxas 12.9 and sm_90 with ptxas 13 ("ptxas-blackwell"), each with
+--regAllocOptLevel=2. A tile that fits with one can spill with another, so the supported range is checked at both
+ends (benchmarks/results/compile-check/triton-<version>.txt: `python -m dbrx_fast.inspect > FILE`).
+
 The Triton interpreter (TRITON_INTERPRET=1) is not a problem for `triton.compile` itself, but `@triton.jit` returns
 an InterpretedFunction, which `triton.compile` cannot take, when a kernel module is imported under it. So when the
 variable is set, or the kernels were imported under it, the compilation runs in a fresh Python process with the
@@ -130,15 +135,11 @@ def count_ptx_instructions(ptx: str) -> int:
 
 
 def ptxas_path(arch: int) -> str:
-    """The ptxas that the installed Triton builds `arch` with. Triton 3.6 and 3.9 both have get_ptxas(arch) ->
-    NvidiaTool, but pick different binaries for sm_90 (3.6 its ptxas 12.x, 3.9 its "ptxas-blackwell" 13.x); some
-    earlier releases took no argument, and older ones returned (path, version)."""
+    """The ptxas that the installed Triton builds `arch` with: get_ptxas(arch) -> NvidiaTool from 3.6 (the oldest
+    supported) to 3.9, which pick different binaries for sm_90 (see the module docstring)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    tool = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
-    if isinstance(tool, tuple):
-        return tool[0]
-    return getattr(tool, "path", tool)
+    return get_ptxas(arch).path
 
 
 def gpu_name(arch: int) -> str:

@@ -1,5 +1,9 @@
 """Every kernel launch the library can make compiles for sm_80 and sm_90, without a GPU: no compile error, no register
-spills, shared memory within the architecture's limit, and `wgmma` in the sm_90 PTX of tl.dot kernels.
+spills, shared memory within the architecture's limit, and `wgmma` in the sm_90 PTX of tl.dot kernels. "Every launch":
+every autotune config of every kernel in each dtype and mode it can take (for the MoE GEMMs: bf16 and fp16, fp32 with
+TF32 and with IEEE dots, SAVE_PREACT on and off, decode tiles), which the tests below tie to the autotuners the
+launchers use, along with autotune keys that hold every meta-parameter that changes the code. Register allocation
+depends on the Triton release (its ptxas), so CI runs this file with the oldest (3.6) and the newest supported Triton.
 
 The checker is checked too: toy kernels defined here that spill, overflow shared memory, miss wgmma or do not compile
 must fail it, and the `python -m dbrx_fast.inspect` exit status must say so.
