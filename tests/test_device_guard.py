@@ -40,8 +40,8 @@ MODEL_KERNELS = {
 
 
 @pytest.mark.interpreter
-def test_every_launch_of_forward_and_backward_takes_the_guard_for_its_tensors_device(monkeypatch):
-    from triton.runtime import interpreter
+def test_every_launch_of_forward_and_backward_takes_the_guard_for_its_tensors_device(monkeypatch, device):
+    from triton.runtime import interpreter, jit
 
     guards, launches = [], []
 
@@ -53,17 +53,20 @@ def test_every_launch_of_forward_and_backward_takes_the_guard_for_its_tensors_de
         finally:
             guards.pop()
 
-    run = interpreter.InterpretedFunction.run
+    def recorded(run):
+        def recorded_run(self, *args, **kwargs):
+            devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+            launches.append((self.fn.__name__, devices, guards[-1] if guards else None))
+            return run(self, *args, **kwargs)
 
-    def recorded_run(self, *args, **kwargs):
-        devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
-        launches.append((self.fn.__name__, devices, guards[-1] if guards else None))
-        return run(self, *args, **kwargs)
+        return recorded_run
 
     monkeypatch.setattr(launch, "device_guard", recording_guard)
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recorded_run)
-    model = dbrx_fast.patch(tiny_model(tiny_config(**CONFIG)).train(), backend="triton")
-    ids = torch.randint(0, 97, (2, 7))
+    # Where every launch ends, under the interpreter and on a GPU (the autotuner's benchmark runs included).
+    for function in (interpreter.InterpretedFunction, jit.JITFunction):
+        monkeypatch.setattr(function, "run", recorded(function.run))
+    model = dbrx_fast.patch(tiny_model(tiny_config(**CONFIG)).to(device).train(), backend="triton")
+    ids = torch.randint(0, 97, (2, 7), device=device)
     model(ids, labels=ids).loss.backward()
 
     assert {name for name, _, _ in launches} >= MODEL_KERNELS

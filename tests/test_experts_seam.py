@@ -23,10 +23,10 @@ def experts_of(model):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hooks_on_the_experts_fire_once_per_forward_as_on_stock(backend):
-    stock = tiny_model(tiny_config(**CONFIG))
+def test_hooks_on_the_experts_fire_once_per_forward_as_on_stock(backend, device):
+    stock = tiny_model(tiny_config(**CONFIG)).to(device)
     patched = dbrx_fast.patch(copy.deepcopy(stock), backend=backend)
-    ids = torch.randint(0, 97, (2, 7))
+    ids = torch.randint(0, 97, (2, 7), device=device)
     counts = {}
     for name, model in (("stock", stock), ("patched", patched)):
         calls = counts[name] = []
@@ -61,11 +61,11 @@ class Unshard:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_experts_read_their_parameters_after_their_pre_hooks(backend):
-    stock = tiny_model(tiny_config(**CONFIG))
+def test_the_experts_read_their_parameters_after_their_pre_hooks(backend, device):
+    stock = tiny_model(tiny_config(**CONFIG)).to(device)
     patched = dbrx_fast.patch(copy.deepcopy(stock), backend=backend)
     unshards = [Unshard(experts) for experts in experts_of(patched)]
-    ids = torch.randint(0, 97, (2, 7))
+    ids = torch.randint(0, 97, (2, 7), device=device)
     out, base = patched(ids, labels=ids), stock(ids, labels=ids)
     out.loss.backward()
     base.loss.backward()
@@ -103,32 +103,32 @@ def test_fully_shard_on_the_experts(tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_experts_called_with_stocks_arguments_match_stock(backend):
+def test_experts_called_with_stocks_arguments_match_stock(backend, device):
     """Called from outside (no dispatch metadata: it is computed from the ids), with stock's argument types."""
-    model = tiny_model(tiny_config(**CONFIG))
+    model = tiny_model(tiny_config(**CONFIG)).to(device)
     stock = model.transformer.blocks[0].ffn.experts
     patched = experts_of(dbrx_fast.patch(copy.deepcopy(model), backend=backend))[0]
-    hidden = torch.randn(2, 5, model.config.d_model)
-    ids = torch.rand(10, 8).argsort(-1)[:, :2]
-    weights = torch.rand(10, 2)
+    hidden = torch.randn(2, 5, model.config.d_model, device=device)
+    ids = torch.rand(10, 8, device=device).argsort(-1)[:, :2]
+    weights = torch.rand(10, 2, device=device)
     torch.testing.assert_close(patched(hidden, ids, weights), stock(hidden, ids, weights), rtol=1e-4, atol=1e-5)
 
 
-def _problem(tokens=11, experts=4, top_k=2, hidden=32, ffn=24, dtype=torch.float32):
-    x = torch.randn(tokens, hidden, dtype=dtype)
-    w1, v1, w2 = (torch.randn(experts * ffn, hidden, dtype=dtype) / hidden**0.5 for _ in range(3))
-    ids = torch.rand(tokens, experts).argsort(-1)[:, :top_k]
-    weights = torch.rand(tokens, top_k) + 0.1
+def _problem(device, tokens=11, experts=4, top_k=2, hidden=32, ffn=24):
+    x = torch.randn(tokens, hidden, device=device)
+    w1, v1, w2 = (torch.randn(experts * ffn, hidden, device=device) / hidden**0.5 for _ in range(3))
+    ids = torch.rand(tokens, experts, device=device).argsort(-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, device=device) + 0.1
     return [x, w1, v1, w2, weights], ids, experts
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_expert_outputs_take_a_per_slot_gradient(impl):
+def test_expert_outputs_take_a_per_slot_gradient(impl, device):
     """The GEMM step's backward under a gradient that is not the combine's broadcast (what an all-to-all between the
     GEMMs and the combine hands back), against the float64 torch step (itself checked against the reference through
     the combine in test_moe_torch.py)."""
     step = moe_torch if impl == "torch" else pytest.importorskip("dbrx_fast.ops.moe")
-    inputs, ids, experts = _problem()
+    inputs, ids, experts = _problem(device)
     sorted_slots, expert_offsets = reference.dispatch(ids, experts)
     leaves = [t.clone().requires_grad_() for t in inputs]
     leaves64 = [t.double().requires_grad_() for t in inputs]
@@ -136,7 +136,7 @@ def test_expert_outputs_take_a_per_slot_gradient(impl):
     y64 = moe_torch.expert_outputs(*leaves64, sorted_slots, expert_offsets)
     assert y.shape == (11, 2, 32)
     assert_accurate(y, y64, what="y")
-    grad_y = torch.randn(y.shape, dtype=torch.float64)  # every slot its own gradient
+    grad_y = torch.randn(y.shape, dtype=torch.float64, device=device)  # every slot its own gradient
     grads = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
     grads64 = torch.autograd.grad(y64, leaves64, grad_y)
     for name, grad, grad64 in zip(("x", "w1", "v1", "w2", "weights"), grads, grads64, strict=True):
@@ -144,9 +144,9 @@ def test_expert_outputs_take_a_per_slot_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_the_three_steps_make_the_reference(impl):
+def test_the_three_steps_make_the_reference(impl, device):
     step = moe_torch if impl == "torch" else pytest.importorskip("dbrx_fast.ops.moe")
-    inputs, ids, experts = _problem()
+    inputs, ids, experts = _problem(device)
     out = step.combine(step.expert_outputs(*inputs, *reference.dispatch(ids, experts)), torch.float32)
     ref = reference.moe_experts_by_ids(*(t.double() for t in inputs), ids, experts)
     assert_accurate(out, ref)

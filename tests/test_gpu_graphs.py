@@ -40,13 +40,13 @@ def test_warmup_refuses_a_stock_model_and_no_tokens():
 
 
 @pytest.mark.interpreter
-def test_capture_before_warmup_raises_and_after_warmup_runs(monkeypatch):
-    """Fake capture on the CPU: every Triton call checks its autotune key before it launches."""
-    model = dbrx_fast.patch(tiny_model(tiny_config(**CONFIG)), backend="triton")
+def test_capture_before_warmup_raises_and_after_warmup_runs(monkeypatch, device):
+    """Faked capture: every Triton call checks its autotune key before it launches."""
+    model = dbrx_fast.patch(tiny_model(tiny_config(**CONFIG)).to(device), backend="triton")
     capture = {"on": False}
     monkeypatch.setattr(backend, "capturing", lambda device: capture["on"])
     monkeypatch.setattr(backend, "_ran_keys", set())  # as in a fresh process
-    ids = torch.randint(0, 97, (5, 1))
+    ids = torch.randint(0, 97, (5, 1), device=device)
 
     def decode(tokens, capturing):
         capture["on"] = capturing

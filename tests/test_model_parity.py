@@ -32,9 +32,9 @@ CONFIGS = {
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
-def three_models(config_kw: dict, backend: str, **extra):
-    """(patched fp32, stock fp32, stock float64) with the same weights."""
-    stock = tiny_model(tiny_config(**config_kw, **extra))
+def three_models(config_kw: dict, backend: str, device: torch.device, **extra):
+    """(patched fp32, stock fp32, stock float64) with the same weights, on `device`."""
+    stock = tiny_model(tiny_config(**config_kw, **extra)).to(device)
     oracle = copy.deepcopy(stock).double()
     patched = dbrx_fast.patch(copy.deepcopy(stock), backend=backend)
     return patched, stock, oracle
@@ -49,10 +49,10 @@ def run(model, ids, labels):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config_kw", CONFIGS.values(), ids=CONFIGS.keys())
-def test_logits_loss_and_every_gradient(config_kw, backend):
-    patched, stock, oracle = three_models(config_kw, backend)
-    ids = torch.randint(0, 97, (2, 13))
-    labels = torch.randint(0, 97, (2, 13))
+def test_logits_loss_and_every_gradient(config_kw, backend, device):
+    patched, stock, oracle = three_models(config_kw, backend, device)
+    ids = torch.randint(0, 97, (2, 13), device=device)
+    labels = torch.randint(0, 97, (2, 13), device=device)
     out, grads = run(patched, ids, labels)
     base, base_grads = run(stock, ids, labels)
     ref, ref_grads = run(oracle, ids, labels)
@@ -73,9 +73,9 @@ def test_logits_loss_and_every_gradient(config_kw, backend):
     reason="this transformers version does not record router logits, so stock itself cannot compute the aux loss",
 )
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_router_logits_and_aux_loss(backend):
-    patched, stock, oracle = three_models(CONFIGS["gqa4-e16k4-clip8-p2"], backend)
-    ids = torch.randint(0, 97, (2, 11))
+def test_router_logits_and_aux_loss(backend, device):
+    patched, stock, oracle = three_models(CONFIGS["gqa4-e16k4-clip8-p2"], backend, device)
+    ids = torch.randint(0, 97, (2, 11), device=device)
     out, base, ref = (m(ids, labels=ids, output_router_logits=True) for m in (patched, stock, oracle))
     assert len(out.router_logits) == patched.config.n_layers
     for name in ("loss", "aux_loss"):
@@ -84,12 +84,12 @@ def test_router_logits_and_aux_loss(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_greedy_generate_with_cache_on_a_left_padded_batch(attn, backend):
+def test_greedy_generate_with_cache_on_a_left_padded_batch(attn, backend, device):
     config_kw = CONFIGS["gqa4-e16k4-clip8-p2"]
-    patched, stock, _ = three_models(config_kw, backend)
+    patched, stock, _ = three_models(config_kw, backend, device)
     for model in (patched, stock):
         model.config._attn_implementation = attn
-    ids = torch.randint(1, 97, (2, 9))
+    ids = torch.randint(1, 97, (2, 9), device=device)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # the first row is left-padded
     ids[0, :4] = 0
@@ -106,10 +106,10 @@ def test_greedy_generate_with_cache_on_a_left_padded_batch(attn, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_router_jitter_in_training_keeps_stock_semantics(backend):
+def test_router_jitter_in_training_keeps_stock_semantics(backend, device):
     """The stock router multiplies its input by noise in place, so the experts see the jittered tokens too."""
-    patched, stock, _ = three_models(CONFIGS["gqa2-e4k2-clipbig-p1"], backend, moe_jitter_eps=0.05)
-    ids = torch.randint(0, 97, (2, 7))
+    patched, stock, _ = three_models(CONFIGS["gqa2-e4k2-clipbig-p1"], backend, device, moe_jitter_eps=0.05)
+    ids = torch.randint(0, 97, (2, 7), device=device)
     results = []
     for model in (patched, stock):
         model.train()
@@ -122,9 +122,9 @@ def test_router_jitter_in_training_keeps_stock_semantics(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_output_attentions_and_hidden_states_match_stock(backend):
-    patched, stock, _ = three_models(CONFIGS["gqa2-e4k2-clipbig-p1"], backend)
-    ids = torch.randint(0, 97, (2, 8))
+def test_output_attentions_and_hidden_states_match_stock(backend, device):
+    patched, stock, _ = three_models(CONFIGS["gqa2-e4k2-clipbig-p1"], backend, device)
+    ids = torch.randint(0, 97, (2, 8), device=device)
     with torch.no_grad():
         out = patched(ids, output_attentions=True, output_hidden_states=True)
         base = stock(ids, output_attentions=True, output_hidden_states=True)

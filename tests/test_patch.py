@@ -178,17 +178,18 @@ def test_triton_backend_on_cpu_without_the_interpreter_raises_at_patch(monkeypat
 
 def test_triton_backend_on_cpu_tensors_without_the_interpreter_raises_per_call(monkeypatch):
     """A model patched where the kernels could run, then given CPU tensors without the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at each check: nothing here launches a kernel
     model = dbrx_fast.patch(tiny_model(), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         model(torch.randint(0, 97, (1, 5)))
 
 
-def test_float64_on_triton_backend_falls_back_to_stock_with_one_warning():
-    model = tiny_model(dtype=torch.float64)
+def test_float64_on_triton_backend_falls_back_to_stock_with_one_warning(device):
+    model = tiny_model(dtype=torch.float64).to(device)
     stock = copy.deepcopy(model)
     dbrx_fast.patch(model, backend="triton")
-    ids = torch.randint(0, 97, (2, 6))
+    ids = torch.randint(0, 97, (2, 6), device=device)
     with pytest.warns(UserWarning, match="float64") as record:
         out = model(ids).logits
     assert len({str(w.message) for w in record}) == len(record)  # each reason once, however many layers
