@@ -204,7 +204,8 @@ class FastDbrxExperts(DbrxExperts):
                     _next_power_of_2(x.shape[0] * top_k_index.shape[1]),
                     self.hidden_size,
                     self.ffn_hidden_size,
-                    torch.get_float32_matmul_precision(),
+                    self.num_experts,
+                    torch.get_float32_matmul_precision(),  # whether fp32 dots may use TF32
                 )
                 top_k_weights = top_k_weights.float()
             else:
