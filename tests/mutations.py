@@ -20,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The tests run as CI's main run does: programs shuffled and race-checked (tests/program_order.py).
+CI_MODE = {"DBRX_FAST_PROGRAM_ORDER": "shuffled", "DBRX_FAST_RACE_CHECK": "1"}
 MOE_FWD = ("tests/test_moe_experts.py",)
 MOE_BWD = ("tests/test_moe_experts_backward.py",)
 
@@ -243,7 +245,7 @@ def run(m: Mutation, root: Path, timeout: int) -> tuple[str, float]:
     if source.count(m.old) != 1:
         return f"NOT APPLIED ({source.count(m.old)} matches)", 0.0
     path.write_text(source.replace(m.old, m.new))
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, **CI_MODE, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *m.tests]
     start = time.time()
     try:

@@ -165,8 +165,20 @@ def test_forward_is_deterministic(device):
     assert torch.equal(first, moe_experts_by_routing(x, w1, v1, w2, routing, case.experts))
 
 
-@pytest.mark.races_allowed("the corrupt offsets give rows 4-7 to two experts: which store lands last is undefined")
-def test_corrupt_offsets_stay_in_bounds(device, poisoned):
+# Corrupt offsets over the 10 sorted rows of T = 5, k = 2, E = 3, and the expert whose result each of rows 1-9 must
+# hold ("02": either expert 0's or 2's; None: unspecified). Row 0's slot is made invalid as well.
+CORRUPT = {
+    # Expert 1 runs backwards (an empty expert), expert 2 runs past T*k (cut there) and overlaps expert 0.
+    "backwards_past_end": ([0, 8, 4, 1000], [0, 0, 0, "02", "02", "02", "02", 2, 2]),
+    # A count below -BLOCK_M: still empty, so it must not shift expert 2's tiles onto expert 0's (rows 8-9: the
+    # launched tiles of expert 2 lie below row 0).
+    "very_negative": ([0, 8, -300, 10], [0, 0, 0, 0, 0, 0, 0, None, None]),
+}
+
+
+@pytest.mark.races_allowed("corrupt offsets can give a row to two experts: which store lands last is undefined")
+@pytest.mark.parametrize("corrupt", CORRUPT)
+def test_corrupt_offsets_stay_in_bounds(device, poisoned, corrupt):
     """Offsets that run backwards or past T*k must neither fault nor write past the buffers (the guard bands of the
     `poisoned` fixture, checked after each launch): a negative count is an empty expert, a run past T*k is cut there,
     rows two experts cover hold one expert's result, and a row whose slot lies outside [0, T*k) is skipped, so it keeps
@@ -174,7 +186,8 @@ def test_corrupt_offsets_stay_in_bounds(device, poisoned):
     case = Case("corrupt", 5, 3, 2)
     x, w1, v1, w2, routing = _problem(case, torch.float32, device)
     k, ffn = case.top_k, case.ffn
-    offsets = torch.tensor([0, 8, 4, 1000], dtype=torch.int32, device=device)  # expert 0: rows 0-7, 2: rows 4-9
+    offsets, owners = CORRUPT[corrupt]
+    offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
     slots = routing.sorted_slots.clone()
     lost = slots[0].item()
     slots[0] = 1 << 30
@@ -192,11 +205,14 @@ def test_corrupt_offsets_stay_in_bounds(device, poisoned):
         w = slice(e * ffn, (e + 1) * ffn)
         return routing.weights.double().flatten()[slots[rows].long(), None] * (h[rows].double() @ w2.double()[w])
 
-    rows = torch.arange(1, 10, device=device)
+    checked = [i for i, owner in enumerate(owners) if owner is not None]
+    rows = torch.tensor(checked, device=device) + 1
     for name, got, want in (("h", h[rows], glu), ("y", y[slots[rows].long()], down)):
-        expert0, expert2 = want(0, rows), want(2, rows)
-        closer = torch.where((got - expert0).abs() <= (got - expert2).abs(), expert0, expert2)
-        expected = torch.cat((expert0[:3], closer[3:7], expert2[7:]))  # rows 1-3, 4-7 either, 8-9
+        by_expert = {e: want(e, rows) for e in (0, 2)}
+        closer = torch.where((got - by_expert[0]).abs() <= (got - by_expert[2]).abs(), by_expert[0], by_expert[2])
+        expected = torch.stack(
+            [closer[i] if owners[r] == "02" else by_expert[owners[r]][i] for i, r in enumerate(checked)]
+        )
         assert_accurate(got, expected, expected.float(), what=name)
 
 

@@ -268,6 +268,7 @@ def test_no_tokens(device):
         assert dw.shape == p.w1.shape and (dw == 0).all()
 
 
+@pytest.mark.races_allowed("corrupt offsets give rows to two experts: which store lands last is undefined")
 def test_corrupt_routing_stays_in_bounds(device):
     """Slots outside [0, T*k) and offsets that are unsorted, negative or past T*k give undefined gradients, but every
     launch finishes and no store leaves its buffer (the guard bands of the allocation fixture)."""
