@@ -85,6 +85,8 @@ def patch(
         raise TypeError(f"dbrx_fast.patch expects a DbrxForCausalLM or DbrxModel, got {type(model).__name__}.")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend != "torch":
+        backend = _kernels_backend(backend)
     if backend == "triton":
         for device in {p.device for p in model.parameters()} - {torch.device("meta")}:
             resolve(backend, device)  # raises off CUDA without the interpreter
@@ -147,6 +149,19 @@ def _set_class(module: nn.Module, cls: type) -> None:
         bound = vars(module).get(name)
         if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_forward:
             setattr(module, name, types.MethodType(cls.forward, module))
+
+
+def _kernels_backend(backend: str) -> str:
+    """`backend` ("triton" or "auto") when the Triton kernels import (an old or missing Triton does not); else
+    "triton" raises at patch time rather than at the first forward, and "auto" warns and becomes "torch"."""
+    try:
+        import dbrx_fast.kernels  # noqa: F401
+    except ImportError as exc:
+        if backend == "triton":
+            raise RuntimeError(f"dbrx_fast: backend='triton' cannot import the kernels: {exc}") from exc
+        _warn(f"the Triton kernels cannot be imported ({exc}); backend 'auto' uses the torch path.")
+        return "torch"
+    return backend
 
 
 def _warn(message: str) -> None:

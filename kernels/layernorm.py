@@ -200,7 +200,7 @@ def _bwd_row_chunk(
 
 # The row counts change with every batch and only bound loops: not specialised on, so that a new count (1 in a decode
 # step) compiles nothing.
-@autotune(_configs(_BWD_PINNED_WARPS), key=["n_cols"], prune_configs_by={"early_config_prune": _prune_bwd})
+@autotune(_configs(_BWD_PINNED_WARPS), key=["n_cols", "ALIGNED"], prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _layernorm_bwd_kernel(
     dy_ptr,

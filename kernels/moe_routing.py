@@ -150,7 +150,7 @@ def _pnorm(w, norm_p, NORM: tl.constexpr):
     return norm
 
 
-@autotune(_configs(), key=["num_experts", "top_k"])
+@autotune(_configs(), key=["num_experts", "top_k", "NORM"])
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_fwd_kernel(
     logits_ptr,
@@ -260,7 +260,7 @@ def _route_scatter_kernel(
     tl.store(sorted_slots_ptr + start + base + rank, slots.to(tl.int32), mask=slot_mask)
 
 
-@autotune(_configs(), key=["num_experts", "top_k"])
+@autotune(_configs(), key=["num_experts", "top_k", "NORM"])
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_bwd_kernel(
     grad_weights_ptr,

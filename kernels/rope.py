@@ -64,7 +64,7 @@ def _rotate_tile(
 # specialised on (a decode step's seq_len = 1 would otherwise compile a kernel of its own): it only bounds a mask.
 # The strides keep their specialisation, which vectorises the loads: those that change with seq_len are multiples
 # of HEAD_DIM, so from HEAD_DIM = 16 on their divisibility by 16, and with it the compiled kernel, stays the same.
-@autotune(_configs(), key=["n_heads_q", "n_heads_k", "HEAD_DIM"])
+@autotune(_configs(), key=["n_heads_q", "n_heads_k", "HEAD_DIM", "BACKWARD"])
 @triton.jit(do_not_specialize=["seq_len"])
 def _rope_kernel(
     q_ptr,

@@ -109,6 +109,28 @@ def test_moe_autotune_keys_hold_every_code_changing_argument():
         assert not missing, f"{name}[{cls}]: autotune key {tuner.keys} lacks {sorted(missing)}"
 
 
+# Constexprs of the other kernels that a keyed size fixes (the launcher derives them from it), so no key of their own.
+_IMPLIED_BY_KEY = {
+    "_layernorm_fwd_kernel": {"BLOCK_C", "ONE_CHUNK"},  # from n_cols
+    "_layernorm_bwd_kernel": {"BLOCK_C", "ONE_CHUNK"},  # from n_cols
+    "_route_fwd_kernel": {"BLOCK_E", "BLOCK_T"},  # from num_experts
+    "_route_bwd_kernel": {"BLOCK_E", "BLOCK_T"},  # from num_experts
+}
+
+
+@pytest.mark.parametrize("module_name", ["rope", "layernorm", "moe_routing"])
+def test_small_kernel_autotune_keys_hold_every_code_changing_argument(module_name):
+    module = importlib.import_module(f"dbrx_fast.kernels.{module_name}")
+    tuners = {attr: value for attr, value in vars(module).items() if isinstance(value, Autotuner)}
+    assert tuners, module_name
+    for attr, tuner in tuners.items():
+        params = inspect.signature(tuner.fn.fn).parameters
+        constexprs = {n for n, p in params.items() if p.annotation is tl.constexpr}
+        tiles = set().union(*(cfg.kwargs for cfg in tuner.all_configs))
+        missing = constexprs - tiles - _IMPLIED_BY_KEY.get(attr, set()) - set(tuner.keys)
+        assert not missing, f"{module_name}.{attr}: autotune key {tuner.keys} lacks {sorted(missing)}"
+
+
 def test_moe_specs_cover_every_config_in_every_mode():
     specs = all_compile_specs()
     for name, cls, tuner in _moe_tuners():

@@ -3,6 +3,7 @@
 import copy
 import functools
 import importlib
+import sys
 import warnings
 
 import pytest
@@ -174,6 +175,20 @@ def test_triton_backend_on_cpu_without_the_interpreter_raises_at_patch(monkeypat
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dbrx_fast.patch(model, backend="triton")
     assert_untouched(model, classes, state)
+
+
+def test_kernels_that_cannot_import_raise_for_triton_and_fall_back_for_auto(monkeypatch):
+    """An old or missing Triton makes `import dbrx_fast.kernels` fail: backend='triton' says so at patch time, and
+    backend='auto' warns and runs the torch path."""
+    monkeypatch.setitem(sys.modules, "dbrx_fast.kernels", None)  # the next import of it raises ImportError
+    model = tiny_model()
+    classes, state = module_classes(model), copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="cannot import the kernels"):
+        dbrx_fast.patch(model, backend="triton")
+    assert_untouched(model, classes, state)
+    with pytest.warns(UserWarning, match="backend 'auto' uses the torch path"):
+        dbrx_fast.patch(model)
+    assert vars(model)["_dbrx_fast_patch"].options.backend == "torch"
 
 
 def test_triton_backend_on_cpu_tensors_without_the_interpreter_raises_per_call(monkeypatch):
