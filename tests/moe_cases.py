@@ -5,6 +5,8 @@ Each test file turns `routing` into expert ids its own way.
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Case:
@@ -29,3 +31,13 @@ CASES = [
 ]
 CASE_IDS = [c.name for c in CASES]
 BY_NAME = {c.name: c for c in CASES}
+
+# (dtype, torch matmul precision, the GEMM class a launch must take, its FP32_DOT), as on a GPU: 16 bits on the
+# tensor-core path, fp32 in full fp32 only at precision "highest", else TF32.
+GEMM_CLASS_CASES = [
+    (torch.bfloat16, "highest", "16bit", False),
+    (torch.float16, "highest", "16bit", False),
+    (torch.float32, "highest", "fp32_dot", True),
+    (torch.float32, "high", "tf32", False),
+]
+GEMM_CLASS_IDS = ["bf16", "fp16", "fp32-ieee", "fp32-tf32"]

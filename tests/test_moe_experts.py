@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from accuracy import EPS, assert_accurate, rel_err
-from moe_cases import BY_NAME, CASE_IDS, CASES, Case
+from moe_cases import BY_NAME, CASE_IDS, CASES, GEMM_CLASS_CASES, GEMM_CLASS_IDS, Case
 from specialization import compiled_variants, unspecialised
 from tf32 import TF32Matmuls, matmul_precision, tf32
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts
@@ -383,16 +383,7 @@ def test_functional_checks_num_experts(device):
         moe_experts_by_routing(x, w1, v1, w2, routing, 8)
 
 
-@pytest.mark.parametrize(
-    "dtype, precision, gemm_class, fp32_dot",
-    [
-        (torch.bfloat16, "highest", "16bit", False),
-        (torch.float16, "highest", "16bit", False),
-        (torch.float32, "highest", "fp32_dot", True),
-        (torch.float32, "high", "tf32", False),
-    ],
-    ids=["bf16", "fp16", "fp32-ieee", "fp32-tf32"],
-)
+@pytest.mark.parametrize("dtype, precision, gemm_class, fp32_dot", GEMM_CLASS_CASES, ids=GEMM_CLASS_IDS)
 def test_gemm_class_of_each_launch(dtype, precision, gemm_class, fp32_dot, device, monkeypatch):
     """Every GEMM launch takes its dtype's class and FP32_DOT as on a GPU, under the interpreter too: 16 bits on the
     tensor-core path (no fp32 upcast), fp32 in full fp32 only when torch's matmul precision is "highest"."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accuracy import EPS, assert_accurate, rel_err
-from moe_cases import BY_NAME, CASE_IDS, CASES, Case
+from moe_cases import BY_NAME, CASE_IDS, CASES, GEMM_CLASS_CASES, GEMM_CLASS_IDS, Case
 from specialization import compiled_variants, unspecialised
 from tf32 import TF32Matmuls, matmul_precision
 
@@ -336,16 +336,7 @@ def test_bad_input(device):
         moe_up_dgrad(dgate, dup, p.w1, p.v1, p.sorted_slots, p.expert_offsets[:1], p.top_k, 37)
 
 
-@pytest.mark.parametrize(
-    "dtype, precision, gemm_class, fp32_dot",
-    [
-        (torch.bfloat16, "highest", "16bit", False),
-        (torch.float16, "highest", "16bit", False),
-        (torch.float32, "highest", "fp32_dot", True),
-        (torch.float32, "high", "tf32", False),
-    ],
-    ids=["bf16", "fp16", "fp32-ieee", "fp32-tf32"],
-)
+@pytest.mark.parametrize("dtype, precision, gemm_class, fp32_dot", GEMM_CLASS_CASES, ids=GEMM_CLASS_IDS)
 def test_gemm_class_of_each_launch(dtype, precision, gemm_class, fp32_dot, device, monkeypatch):
     """Every GEMM launch takes its dtype's class and FP32_DOT as on a GPU, under the interpreter too: 16 bits on the
     tensor-core path (no fp32 upcast), fp32 in full fp32 only when torch's matmul precision is "highest"."""
