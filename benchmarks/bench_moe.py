@@ -11,7 +11,9 @@ the same for all), top-k routing with DBRX's p = 1 normalisation, then the exper
 - dbrx_fast: `dbrx_fast.ops.routing.route` + `dbrx_fast.ops.moe.moe_experts_by_routing` (the Triton kernels).
 FLOPs: 3 * 2 * T*k*H*F per forward (the router's 2*T*H*E and the GLU are left out), 2x that for a backward, 3x for
 full (fwd+bwd).
-Decode rows (T <= 16) also report GB/s counting the bytes of the chosen experts' weights. See benchmarks/README.md.
+Decode rows (T <= 16) also report GB/s counting the bytes of the chosen experts' weights. dbrx_fast rows also carry the
+cost model's lower bound (benchmarks/cost_model.py, the device's preset, an H100 SXM off an H200) and measured / bound.
+See benchmarks/README.md.
 """
 
 import argparse
@@ -120,8 +122,9 @@ def dbrx_fast_setup(weights: MoeWeights, x: torch.Tensor):
 SETUPS = {"stock": stock_setup, "torch_grouped": torch_grouped_setup, "dbrx_fast": dbrx_fast_setup}
 
 
-def moe_case(weights: MoeWeights, x: torch.Tensor, mode: str) -> Case:
-    """Shape, FLOPs, and for decode the weight bytes of the experts this x is routed to (fp32 routing)."""
+def moe_case(weights: MoeWeights, x: torch.Tensor, mode: str, device_name: str = "") -> Case:
+    """Shape, FLOPs, for decode the weight bytes of the experts this x is routed to (fp32 routing), and the cost
+    model's bound of the dbrx_fast kernels on device_name's preset."""
     w = weights
     tokens = x.shape[0]
     rows = tokens * w.top_k
@@ -140,7 +143,27 @@ def moe_case(weights: MoeWeights, x: torch.Tensor, mode: str) -> Case:
         nbytes = used * 3 * w.ffn * w.hidden * x.element_size() * work
         extra["experts_used"] = used
     # Equal FLOPs as a dense matmul: the three [T*k, H] x [H, F] projections of a forward, back to back.
-    return Case(shape, mode, flops, bytes=nbytes, dense_mnk=(rows, w.ffn, w.hidden, 3), extra=extra)
+    return Case(
+        shape,
+        mode,
+        flops,
+        bytes=nbytes,
+        dense_mnk=(rows, w.ffn, w.hidden, 3),
+        extra=extra,
+        provider_extra={"dbrx_fast": _dbrx_fast_bound(w, tokens, mode, x.dtype, device_name)},
+    )
+
+
+def _dbrx_fast_bound(w: MoeWeights, tokens: int, mode: str, dtype: torch.dtype, device_name: str) -> dict:
+    """bound_ms and bound_gpu of the cost model; nothing when the kernels cannot import (the provider is then
+    unavailable and says why)."""
+    try:
+        from benchmarks import cost_model
+    except ImportError:
+        return {}
+    gpu = cost_model.gpu_for(device_name)
+    shape = cost_model.Shape(tokens, w.hidden, w.ffn, w.experts, w.top_k, dtype)
+    return {"bound_ms": cost_model.layer_bound_s(shape, mode, gpu) * 1e3, "bound_gpu": gpu.name}
 
 
 def parse_args(argv=None):
@@ -213,7 +236,7 @@ def _run(args) -> int:
     for tokens in args.tokens:
         x = torch.randn(tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
         for mode in args.modes:
-            case = moe_case(weights, x, mode)
+            case = moe_case(weights, x, mode, harness.device_name)
             providers = {name: _provider(SETUPS[name], weights, x, mode) for name in args.providers}
             print_rows(harness.run_case(case, providers, BASELINE))
         del x

@@ -81,7 +81,8 @@ class Case:
 
     flops: floating-point operations of one step (TFLOP/s = flops / time). bytes: bytes one step must move at least
     (GB/s reported only when set, e.g. decode rows counting the weights read). dense_mnk: (M, N, K, repeats) of the
-    dense matmul with the same FLOPs, timed in the same run as the reference for TFLOP/s.
+    dense matmul with the same FLOPs, timed in the same run as the reference for TFLOP/s. provider_extra: fields of
+    one provider's rows only; a `bound_ms` among them (a cost model's lower bound) gets `vs_bound` = ms / bound_ms.
     """
 
     shape: dict
@@ -90,6 +91,7 @@ class Case:
     bytes: float | None = None
     dense_mnk: tuple[int, int, int, int] | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    provider_extra: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 class Harness:
@@ -260,6 +262,7 @@ class Harness:
             "peak_mb": None,
             "activation_mb": None,
             **case.extra,
+            **case.provider_extra.get(provider, {}),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -280,6 +283,8 @@ def _fill_rates(row: dict, case: Case, dense: float | None, copy_gbps: float) ->
     if case.bytes:
         row["gbps"] = case.bytes / (ms * 1e-3) / 1e9
         row["vs_copy"] = row["gbps"] / copy_gbps
+    if row.get("bound_ms"):
+        row["vs_bound"] = ms / row["bound_ms"]
 
 
 def _release(device: torch.device) -> None:
@@ -350,6 +355,8 @@ def print_rows(rows: list[dict], file=sys.stdout) -> None:
                 parts.append(f"{r['vs_dense']:6.2f}x dense")
             if r["gbps"] is not None:
                 parts.append(f"{r['gbps']:8.1f} GB/s {r['vs_copy']:5.2f}x copy")
+            if r.get("vs_bound") is not None:
+                parts.append(f"{r['vs_bound']:6.2f}x bound")
             if r["vs_baseline"] is not None:
                 parts.append(f"{r['vs_baseline']:6.2f}x baseline")
             if r["peak_mb"] is not None:

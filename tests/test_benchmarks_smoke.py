@@ -96,6 +96,10 @@ def test_smoke_run_writes_complete_rows(benchmarks, tmp_path):
             assert r["gbps"] is None and r["bytes"] is None
         if r["provider"] == bench_moe.BASELINE:
             assert r["vs_baseline"] == 1.0
+        if r["provider"] == "dbrx_fast":  # the cost model's bound beside the measurement
+            assert r["bound_ms"] > 0 and r["bound_gpu"] == "H100 SXM" and r["vs_bound"] == r["ms"] / r["bound_ms"]
+        else:
+            assert "bound_ms" not in r and "vs_bound" not in r
         assert r["peak_mb"] is None and r["activation_mb"] is None  # CUDA counters only
 
     text = report.tables(report.load(tmp_path))

@@ -1,0 +1,421 @@
+"""Cost model of the MoE kernels: FLOPs, special-function work, bytes, and a lower bound on time per launch.
+
+    python -m benchmarks.cost_model                       # DBRX widths, bf16, T = 1 16 4096 16384, on an H100 SXM
+    python -m benchmarks.cost_model --gpu h200 --tokens 16384
+
+For each launch of the dbrx_fast MoE layer at (T, H, F, E, k, dtype), with balanced routing (the T*k rows spread over
+the experts as evenly as they go, so min(E, T*k) experts are used):
+- `flops`: 2*M*N*K of each GEMM; element-wise work is left out (benchmarks/README.md's convention).
+- `sfu`: exp and divide operations (one each per sigmoid), the GLU's and its recomputations'; the MUFU unit runs them.
+- `compulsory`: every operand read once and every output written once: x and dout once per token, the weights of the
+  used experts once, the [T*k, ...] intermediates once.
+- `moved`: DRAM bytes given the launch's grid order and its tiles, under this L2 model:
+  * Tiles are the pinned config of the launch's GEMM class (`tuner.all_configs[0]` of the kernel's autotuner), so the
+    model follows the code. Programs run in launch order (grid x fastest, then y, z; the grouped GEMMs map their 1-D
+    id through `grouped_tile`), in waves of SMs x blocks-per-SM programs that start and progress together.
+  * Blocks per SM: the most that fit the SM's shared memory (num_stages buffers of each per-K-step operand tile) and
+    its registers (the fp32 accumulators spread over the block's threads, plus 32 a thread for addresses and loop
+    state), at most 2048 threads. An estimate: the compiled code can hold more (python -m dbrx_fast.inspect).
+  * An operand tile is read from DRAM once per wave that needs it: the programs of one wave share it through L2
+    (they walk K in step, so a wave's live slices fit), a later wave reads it again. An M-tile of gathered x or dout
+    rows is its own tile: a token's rows for its k experts lie in different M-tiles, mostly in different waves.
+  * Nothing is reused across waves. That is pessimistic where consecutive waves share a small tile that stays in the
+    50 MB L2: the gathered x (or dout, dgate/dup) rows of a GROUP_M group, which every wave of the group re-reads
+    here (their "worst operand" factor at T = 16 and 16384 is this, not DRAM traffic to fix); it is right for the
+    weight gradients' streamed gate/up and dgate/dup, a whole expert's rows per tile.
+  * Programs past the last real M-tile, and those of an expert with no rows, exit at once: they take no wave slot.
+  * Decode (T <= 16) uses the pinned tiles too; a GPU's autotuner may pick a decode tile, which changes no weight
+    byte (each chosen expert has one M-tile either way).
+  * Outputs and the epilogue's own reads (one element, one program) move their compulsory bytes.
+- `bound_s`: max(flops / peak FLOP/s, moved / DRAM bandwidth, sfu / peak MUFU rate): a lower bound, as if the three
+  overlapped perfectly at peak. Launches run one after another, so a layer's bound is the sum of its launches'.
+The dense reference: a matmul of equal FLOPs, [T*k, H] x [H, F] repeated, each repeat reading its operands once.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from dbrx_fast.kernels import moe_experts, moe_input_grads, moe_weight_grads
+from dbrx_fast.kernels.moe_tiles import gemm_class, num_m_tiles_upper_bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """Peak rates of one GPU. flops: dense 16-bit tensor-core FLOP/s; bandwidth: DRAM bytes/s; sfu: MUFU ops/s."""
+
+    name: str
+    flops: float
+    bandwidth: float
+    sfu: float
+    sms: int
+    smem_per_sm: int = 228 * 1024
+    regs_per_sm: int = 65536
+    threads_per_sm: int = 2048
+
+
+# NVIDIA H100 / H200 datasheets: H100 SXM 989 TFLOP/s dense BF16 (1979 with sparsity), 3.35 TB/s HBM3; H200 the same
+# SMs and clocks, 4.8 TB/s HBM3e. Both 132 SMs at a 1.98 GHz boost clock. MUFU (exp2, rcp): 16 results per clock per SM
+# on compute capability 9.0 (CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table). 228 KB shared
+# memory and 64K 32-bit registers per SM (Hopper tuning guide).
+H100_SXM = Gpu("H100 SXM", flops=989.4e12, bandwidth=3.35e12, sfu=132 * 16 * 1.98e9, sms=132)
+H200 = dataclasses.replace(H100_SXM, name="H200", bandwidth=4.8e12)
+GPUS = {"h100": H100_SXM, "h200": H200}
+
+DBRX = {"hidden": 6144, "ffn": 10752, "experts": 16, "top_k": 4}
+_ITEMSIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+
+
+def gpu_for(device_name: str) -> Gpu:
+    """The preset for a device name (torch.cuda.get_device_name); an H100 SXM for anything else."""
+    return H200 if "h200" in device_name.lower() else H100_SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+    def counts(self) -> list[int]:
+        """Rows per expert under balanced routing."""
+        q, r = divmod(self.rows, self.experts)
+        return [q + (e < r) for e in range(self.experts)]
+
+
+@dataclasses.dataclass
+class KernelCost:
+    """One launch. operands: name -> (compulsory bytes, moved bytes); tiles: the config the model used."""
+
+    name: str
+    flops: float
+    sfu: float
+    operands: dict[str, tuple[float, float]]
+    tiles: str = ""
+    in_flight: int = 0
+
+    @property
+    def compulsory(self) -> float:
+        return sum(c for c, _ in self.operands.values())
+
+    @property
+    def moved(self) -> float:
+        return sum(m for _, m in self.operands.values())
+
+    @property
+    def reread(self) -> float:
+        return self.moved / self.compulsory if self.compulsory else 1.0
+
+    def worst_operand(self) -> tuple[str, float]:
+        """The operand read again most often, and its moved / compulsory."""
+        return max(((n, m / c) for n, (c, m) in self.operands.items() if c), key=lambda item: item[1])
+
+    def times(self, gpu: Gpu) -> dict[str, float]:
+        return {"flops": self.flops / gpu.flops, "bytes": self.moved / gpu.bandwidth, "sfu": self.sfu / gpu.sfu}
+
+    def bound_s(self, gpu: Gpu) -> float:
+        return max(self.times(gpu).values())
+
+    def bound_by(self, gpu: Gpu) -> str:
+        times = self.times(gpu)
+        return max(times, key=times.get)
+
+
+def _pinned(tuners: dict, dtype: torch.dtype):
+    """The pinned config of the launch's GEMM class."""
+    return tuners[gemm_class(dtype)[0]].all_configs[0]
+
+
+def _describe(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _blocks_per_sm(gpu: Gpu, cfg, acc_elems: int, stage_bytes: int) -> int:
+    """Shared-memory, register and thread limits on resident blocks (see the module docstring)."""
+    threads = 32 * cfg.num_warps
+    regs = acc_elems // threads + 32
+    by_smem = gpu.smem_per_sm // max(cfg.num_stages * stage_bytes, 1)
+    return max(1, min(by_smem, gpu.regs_per_sm // (regs * threads), gpu.threads_per_sm // threads))
+
+
+def _wave_traffic(waves: torch.Tensor, keys: torch.Tensor, key_bytes: torch.Tensor) -> float:
+    """Bytes read when each wave reads each distinct tile (key) its programs need once; key_bytes[key] its size."""
+    pairs = torch.unique(waves * key_bytes.numel() + keys)
+    return float(key_bytes[pairs % key_bytes.numel()].sum())
+
+
+def _m_tiles(shape: Shape, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert, rows) of each real M-tile, experts in order, as `expert_tile` cuts them."""
+    experts, rows = [], []
+    for e, count in enumerate(shape.counts()):
+        for start in range(0, count, block_m):
+            experts.append(e)
+            rows.append(min(block_m, count - start))
+    return torch.tensor(experts, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)
+
+
+def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, blocks_per_sm, block_n=None):
+    """(a moved, b moved, in_flight, tiles) of a `grouped_tile` launch over the sorted rows: M = rows, N = n,
+    K = depth, acc_count fp32 accumulators.
+
+    The row operand: a_tensors tensors, one [rows, depth] tile of each per M-tile. The weight operand: b_tensors
+    [E*F, H] tensors, one [BLOCK_N, depth] tile of each per (expert, N-tile)."""
+    bm, bk, group_m = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.kwargs["GROUP_M"]
+    bn = block_n or cfg.kwargs["BLOCK_N"]
+    size = shape.itemsize
+    tile_expert, tile_rows = _m_tiles(shape, bm)
+    num_pid_m = num_m_tiles_upper_bound(shape.rows, shape.experts, bm)
+    num_pid_n = -(-n // bn)
+    # grouped_tile (kernels/moe_tiles.py), vectorized.
+    pid = torch.arange(num_pid_m * num_pid_n, dtype=torch.int64)
+    in_group = group_m * num_pid_n
+    first_m = (pid // in_group) * group_m
+    size_m = torch.clamp(num_pid_m - first_m, max=group_m)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    real = pid_m < tile_expert.numel()
+    pid_m, pid_n = pid_m[real], pid_n[real]
+    stage = (bm * a_tensors + bn * b_tensors) * bk * size
+    in_flight = gpu.sms * (blocks_per_sm or _blocks_per_sm(gpu, cfg, acc_count * bm * bn, stage))
+    waves = torch.arange(pid_m.numel(), dtype=torch.int64) // in_flight
+    a_moved = _wave_traffic(waves, pid_m, tile_rows * depth * size * a_tensors)
+    cols = torch.clamp(n - torch.arange(num_pid_n) * bn, max=bn)
+    b_keys = tile_expert[pid_m] * num_pid_n + pid_n
+    b_moved = _wave_traffic(waves, b_keys, cols.repeat(shape.experts) * depth * size * b_tensors)
+    return a_moved, b_moved, in_flight, f"{_describe(cfg)}, {num_pid_m}x{num_pid_n} tiles"
+
+
+def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, stage_bytes, blocks_per_sm):
+    """(a moved, b moved, in_flight, tiles) of a weight-gradient launch, grid (F-tiles, H-tiles, E) with F fastest:
+    each program walks its expert's rows, reading an [rows_e, BLOCK_F] tile of each of a_tensors [T*k, F] operands
+    and an [rows_e, BLOCK_H] tile of the gathered [T, H] one."""
+    bf, bh = cfg.kwargs["BLOCK_F"], cfg.kwargs["BLOCK_H"]
+    nf, nh = -(-shape.ffn // bf), -(-shape.hidden // bh)
+    pid = torch.arange(nf * nh * shape.experts, dtype=torch.int64)
+    f, h, e = pid % nf, (pid // nf) % nh, pid // (nf * nh)
+    counts = torch.tensor(shape.counts(), dtype=torch.int64)
+    live = counts[e] > 0
+    f, h, e = f[live], h[live], e[live]
+    in_flight = gpu.sms * (blocks_per_sm or _blocks_per_sm(gpu, cfg, acc_count * bf * bh, stage_bytes))
+    waves = torch.arange(f.numel(), dtype=torch.int64) // in_flight
+    f_cols = torch.clamp(shape.ffn - torch.arange(nf) * bf, max=bf)
+    h_cols = torch.clamp(shape.hidden - torch.arange(nh) * bh, max=bh)
+    size = shape.itemsize
+    a_moved = _wave_traffic(waves, e * nf + f, (counts[:, None] * f_cols[None, :]).flatten() * size * a_tensors)
+    b_moved = _wave_traffic(waves, e * nh + h, (counts[:, None] * h_cols[None, :]).flatten() * size)
+    return a_moved, b_moved, in_flight, f"{_describe(cfg)}, {nf}x{nh}x{shape.experts} grid"
+
+
+def forward(shape: Shape, gpu: Gpu = H100_SXM, save_preact: bool = False, blocks_per_sm: int | None = None):
+    """The forward's launches (routing, `moe_glu_up`, `moe_down`, `moe_combine`); save_preact: also write gate and up
+    for the backward (training)."""
+    t, h, f, e, r, s = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.rows, shape.itemsize
+    used = min(e, r)
+    meta = r * 4 + (e + 1) * 4  # sorted_slots and expert_offsets, int32
+    route = KernelCost(
+        "route_fwd", 0.0, 2.0 * t * e, {"logits": (t * e * s,) * 2, "weights, ids, slots, offsets": (3 * meta,) * 2}
+    )
+    cfg = _pinned(moe_experts._GLU_UP, shape.dtype)
+    x_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 2, 2, blocks_per_sm)
+    up = KernelCost(
+        "moe_glu_up",
+        2 * 2.0 * r * h * f,
+        2.0 * r * f,  # silu(gate): one exp and one divide per element
+        {
+            "x": (t * h * s, x_moved),
+            "w1, v1": (2 * used * f * h * s, w_moved),
+            "routing": (meta,) * 2,
+            "h, gate, up" if save_preact else "h": ((3 if save_preact else 1) * r * f * s,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    cfg = _pinned(moe_experts._DOWN, shape.dtype)
+    h_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 1, 1, 1, blocks_per_sm)
+    down = KernelCost(
+        "moe_down",
+        2.0 * r * f * h,
+        0.0,
+        {
+            "h": (r * f * s, h_moved),
+            "w2": (used * f * h * s, w_moved),
+            "routing": (r * 4 + meta,) * 2,
+            "y (fp32)": (r * h * 4.0,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    combine = KernelCost("moe_combine", 0.0, 0.0, {"y (fp32)": (r * h * 4.0,) * 2, "out": (t * h * s,) * 2})
+    return [route, up, down, combine]
+
+
+def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None):
+    """The backward's launches, as ops/moe.py runs them when every input needs its gradient; the router's matmul,
+    torch's, is left out as in the FLOP convention."""
+    t, h, f, e, r, s = shape.tokens, shape.hidden, shape.ffn, shape.experts, shape.rows, shape.itemsize
+    used = min(e, r)
+    meta = r * 4 + (e + 1) * 4
+    # CombineFunction's backward casts dout to float32 and the experts' backward casts it back (torch ops).
+    casts = KernelCost(
+        "dout casts (torch)", 0.0, 0.0, {"dout": (2 * t * h * s,) * 2, "dout (fp32)": (2 * t * h * 4,) * 2}
+    )
+    cfg = _pinned(moe_input_grads._DOWN_BWD, shape.dtype)
+    block_n = moe_input_grads._DOWN_BWD_BLOCK_N
+    partials = -(-f // block_n) * r * 4
+    dout_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 1, 1, blocks_per_sm, block_n)
+    down_bwd = KernelCost(
+        "moe_down_bwd",
+        2.0 * r * h * f,
+        2.0 * r * f,  # sigmoid(gate) in the epilogue
+        {
+            "dout": (t * h * s, dout_moved),
+            "w2": (used * f * h * s, w_moved),
+            "gate, up": (2 * r * f * s,) * 2,
+            "routing": (r * 4 + meta,) * 2,
+            "dgate, dup": (2 * r * f * s,) * 2,
+            "dweights partials": (partials,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    sum_partials = KernelCost("moe_sum_partials", 0.0, 0.0, {"partials": (partials,) * 2, "dweights": (r * 4,) * 2})
+    cfg = _pinned(moe_input_grads._UP_DGRAD, shape.dtype)
+    d_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 2, 2, 1, blocks_per_sm)
+    up_dgrad = KernelCost(
+        "moe_up_dgrad",
+        2 * 2.0 * r * f * h,
+        0.0,
+        {
+            "dgate, dup": (2 * r * f * s, d_moved),
+            "w1, v1": (2 * used * f * h * s, w_moved),
+            "routing": (meta,) * 2,
+            "dx_slot (fp32)": (r * h * 4.0,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    combine = KernelCost("moe_combine (dx)", 0.0, 0.0, {"dx_slot (fp32)": (r * h * 4.0,) * 2, "dx": (t * h * s,) * 2})
+    cfg = _pinned(moe_weight_grads._UP_WGRAD, shape.dtype)
+    stage = (2 * cfg.kwargs["BLOCK_F"] + cfg.kwargs["BLOCK_H"]) * cfg.kwargs["BLOCK_M"] * s
+    d_moved, x_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 2, 2, stage, blocks_per_sm)
+    up_wgrad = KernelCost(
+        "moe_up_wgrad",
+        2 * 2.0 * r * f * h,
+        0.0,
+        {
+            "dgate, dup": (2 * r * f * s, d_moved),
+            "x": (t * h * s, x_moved),
+            "routing": (meta,) * 2,
+            "dw1, dv1": (2 * e * f * h * s,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    cfg = _pinned(moe_weight_grads._DOWN_WGRAD, shape.dtype)
+    stage = (2 * cfg.kwargs["BLOCK_F"] + cfg.kwargs["BLOCK_H"]) * cfg.kwargs["BLOCK_M"] * s
+    g_moved, dout_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 2, 1, stage, blocks_per_sm)
+    down_wgrad = KernelCost(
+        "moe_down_wgrad",
+        2.0 * r * f * h,
+        2.0 * r * f * -(-h // cfg.kwargs["BLOCK_H"]),  # silu(gate) * up recomputed for every H-tile
+        {
+            "gate, up": (2 * r * f * s, g_moved),
+            "dout": (t * h * s, dout_moved),
+            "routing": (r * 4 + meta,) * 2,
+            "dw2": (e * f * h * s,) * 2,
+        },
+        tiles,
+        flight,
+    )
+    route = KernelCost(
+        "route_bwd",
+        0.0,
+        2.0 * t * e,  # the softmax recomputed
+        {"logits, grad_logits": (2 * t * e * s,) * 2, "weights, ids, grad_weights": (3 * r * 4,) * 2},
+    )
+    return [casts, down_bwd, sum_partials, up_dgrad, combine, up_wgrad, down_wgrad, route]
+
+
+def layer(shape: Shape, mode: str, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None) -> list[KernelCost]:
+    """The launches of one step in bench_moe's modes: forward (inference), backward, full (training forward +
+    backward)."""
+    if mode == "forward":
+        return forward(shape, gpu, False, blocks_per_sm)
+    if mode == "backward":
+        return backward(shape, gpu, blocks_per_sm)
+    if mode == "full":
+        return forward(shape, gpu, True, blocks_per_sm) + backward(shape, gpu, blocks_per_sm)
+    raise ValueError(f"mode must be forward, backward or full, got {mode!r}")
+
+
+def layer_bound_s(shape: Shape, mode: str, gpu: Gpu = H100_SXM) -> float:
+    """The layer's lower bound: its launches' bounds summed (they run one after another)."""
+    return sum(c.bound_s(gpu) for c in layer(shape, mode, gpu))
+
+
+def dense_bound_s(shape: Shape, flops: float, gpu: Gpu = H100_SXM) -> float:
+    """Bound of dense [T*k, H] x [H, F] matmuls of `flops` in all, each reading A and B and writing C once."""
+    repeats = flops / (2.0 * shape.rows * shape.hidden * shape.ffn)
+    nbytes = repeats * (shape.rows * shape.hidden + shape.hidden * shape.ffn + shape.rows * shape.ffn) * shape.itemsize
+    return max(flops / gpu.flops, nbytes / gpu.bandwidth)
+
+
+def table(shape: Shape, mode: str, gpu: Gpu = H100_SXM) -> str:
+    """A markdown table of the launches of one step, with the layer total and the dense matmul of equal FLOPs."""
+    costs = layer(shape, mode, gpu)
+    lines = [
+        f"#### {mode}, T={shape.tokens} H={shape.hidden} F={shape.ffn} E={shape.experts} k={shape.top_k} "
+        f"{str(shape.dtype).removeprefix('torch.')}, {gpu.name}",
+        "",
+        "| kernel | GFLOP | SFU Gop | compulsory GB | moved GB | re-read | worst operand | in flight | bound us | by |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for c in costs:
+        name, factor = c.worst_operand()
+        lines.append(
+            f"| {c.name} | {c.flops / 1e9:.1f} | {c.sfu / 1e9:.2f} | {c.compulsory / 1e9:.3f} | {c.moved / 1e9:.3f} "
+            f"| {c.reread:.2f} | {name} {factor:.1f}x | {c.in_flight or '-'} | {c.bound_s(gpu) * 1e6:.1f} "
+            f"| {c.bound_by(gpu)} |"
+        )
+    flops = sum(c.flops for c in costs)
+    total, dense = sum(c.bound_s(gpu) for c in costs), dense_bound_s(shape, flops, gpu)
+    compulsory, moved = sum(c.compulsory for c in costs), sum(c.moved for c in costs)
+    lines.append(
+        f"| **layer** | {flops / 1e9:.1f} | {sum(c.sfu for c in costs) / 1e9:.2f} | {compulsory / 1e9:.3f} "
+        f"| {moved / 1e9:.3f} | {moved / compulsory:.2f} | | | {total * 1e6:.1f} | |"
+    )
+    lines.append(f"| dense matmul, equal FLOPs | {flops / 1e9:.1f} | | | | | | | {dense * 1e6:.1f} | |")
+    lines += ["", f"layer bound / dense bound: {total / dense:.2f}x. Tiles (pinned configs):"]
+    lines += [f"- {c.name}: {c.tiles}" for c in costs if c.tiles]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096, 16384])
+    p.add_argument("--modes", nargs="+", default=["forward", "backward"], choices=["forward", "backward", "full"])
+    p.add_argument("--gpu", default="h100", choices=list(GPUS))
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    for tokens in args.tokens:
+        for mode in args.modes:
+            print(table(Shape(tokens, **DBRX, dtype=dtype), mode, GPUS[args.gpu]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
