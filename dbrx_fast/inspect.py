@@ -6,6 +6,11 @@ then reports registers and spill bytes, the compiled metadata gives the dynamic 
 whether tensor-core matmuls use Hopper's `wgmma`. A spec fails if it does not compile, spills, needs more shared
 memory than the architecture has, or is a tl.dot kernel (`matrix=True`) whose sm_90 PTX has no `wgmma`.
 
+The same PTX also gives a static performance reading (`read_ptx_performance`, no extra compilation): the wgmma N
+widths, whether the main loop waits for all its loads or drains the MMA pipeline, exp/divide instructions per MMA in
+the main loop, and, with ptxas' registers and the shared memory, the blocks that fit on one SM. These are reported,
+not failed here: tests/test_compile_gpu_targets.py enforces them for the large-T MoE configs.
+
     python -m dbrx_fast.inspect                          # table of every spec; exit status 1 if anything fails
     python -m dbrx_fast.inspect --arch 90 --filter rope  # one architecture, specs whose name contains "rope"
 
@@ -48,6 +53,17 @@ from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory one block may opt into (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Occupancy inputs (CUDA programming guide, compute capabilities table; CUDA occupancy calculator): shared memory per
+# SM, of which the driver reserves 1 KiB per resident block and allocates in 128-byte units; 65536 registers per SM,
+# allocated per warp in units of 256 (registers per thread rounded up to a multiple of 8); at most 32 blocks and 64
+# warps per SM on both.
+SHARED_MEMORY_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+SHARED_MEMORY_RESERVED_PER_BLOCK = 1024
+SHARED_MEMORY_UNIT = 128
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT_PER_WARP = 256
+MAX_BLOCKS_PER_SM = 32
+MAX_WARPS_PER_SM = 64
 DEFAULT_ARCHS = (80, 90)
 REGISTRY = "dbrx_fast.kernels.registry:all_compile_specs"
 
@@ -66,6 +82,11 @@ class CompileRecord:
     smem: int | None = None  # dynamic shared memory per block, bytes
     instrs: int | None = None  # PTX instruction lines
     wgmma: bool | None = None  # the PTX issues wgmma (Hopper's asynchronous tensor-core matmul)
+    warps: int | None = None  # num_warps of the launch: with regs, the register footprint of one block
+    wgmma_n: list[int] | None = None  # N widths of the wgmma instructions (m64nNk...), ascending; [] without wgmma
+    loop_waits_all: bool | None = None  # a main loop waits for all its loads (see read_ptx_performance)
+    loop_drains_mma: bool | None = None  # a main loop drains the wgmma pipeline
+    loop_sfu_per_mma: float | None = None  # exp/divide instructions per MMA instruction in the main loops
     error: str | None = None  # why compilation or ptxas failed
 
     @property
@@ -73,6 +94,29 @@ class CompileRecord:
         if self.spill_stores is None:
             return None
         return self.spill_stores + self.spill_loads
+
+    @property
+    def blocks_by_regs(self) -> int | None:
+        """Blocks per SM that the register file holds (0 if one block does not fit)."""
+        if self.regs is None or self.warps is None:
+            return None
+        per_warp = -(-self.regs * 32 // REGISTER_UNIT_PER_WARP) * REGISTER_UNIT_PER_WARP
+        return REGISTERS_PER_SM // (per_warp * self.warps)
+
+    @property
+    def blocks_by_smem(self) -> int | None:
+        """Blocks per SM that shared memory holds (0 if one block does not fit)."""
+        if self.smem is None:
+            return None
+        per_block = -(-self.smem // SHARED_MEMORY_UNIT) * SHARED_MEMORY_UNIT + SHARED_MEMORY_RESERVED_PER_BLOCK
+        return SHARED_MEMORY_PER_SM[self.arch] // per_block
+
+    @property
+    def blocks_per_sm(self) -> int | None:
+        """Resident blocks per SM: the least of registers, shared memory and the hardware's block and warp limits."""
+        if self.blocks_by_regs is None or self.blocks_by_smem is None:
+            return None
+        return min(self.blocks_by_regs, self.blocks_by_smem, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // self.warps)
 
     @property
     def problems(self) -> list[str]:
@@ -132,6 +176,84 @@ def count_ptx_instructions(ptx: str) -> int:
         if line.endswith(";") and not line.startswith("."):
             count += 1
     return count
+
+
+_LABEL = re.compile(r"^(\$\w+):")
+_BRANCH = re.compile(r"^bra(?:\.uni)?\s+(\$\w+)\s*;")
+_WGMMA_SHAPE = re.compile(r"^wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k\d+")
+
+
+def _ptx_instructions(ptx: str) -> list[str]:
+    """Labels and instructions, one per entry, comments and guard predicates (`@%p1 `) cut."""
+    lines = []
+    for line in ptx.splitlines():
+        line = re.sub(r"^@!?%\w+\s+", "", line.split("//", 1)[0].strip())
+        if line and not line.startswith("."):
+            lines.append(line)
+    return lines
+
+
+def _is_mma(line: str) -> bool:
+    return line.startswith(("wgmma.mma_async", "mma.sync"))
+
+
+def _is_sfu(line: str) -> bool:
+    # Float divisions only: `div.s32` / `div.u64` are index arithmetic, not the sigmoid's division.
+    return line.startswith(("ex2.", "rcp.")) or bool(re.match(r"div\.[\w.]*f(32|64)\s", line))
+
+
+def _waits_for(line: str, op: str) -> int | None:
+    match = re.match(rf"{re.escape(op)}\s+(\d+)\s*;", line)
+    return None if match is None else int(match.group(1))
+
+
+def main_loop_bodies(lines: list[str]) -> list[tuple[int, int]]:
+    """The main loops of a kernel, as (first, last) indices into `_ptx_instructions`: innermost loops that hold an
+    MMA instruction. A loop is a label and a later branch back to it (LLVM lays a loop out as its header, its body,
+    then the latch that branches back, and Triton's loops have one latch), so its body is the lines in between.
+    Limits: a loop whose blocks LLVM placed outside that range (rotated loops with a cold block moved past the
+    latch), or irreducible control flow, is not seen; a forward branch out of the range (an early exit) is not
+    followed. Innermost: a persistent kernel's outer tile loop, whose epilogue legitimately drains, is not one."""
+    labels, loops = {}, []
+    for index, line in enumerate(lines):
+        if (label := _LABEL.match(line)) is not None:
+            labels[label.group(1)] = index
+        elif (branch := _BRANCH.match(line)) is not None and branch.group(1) in labels:
+            loops.append((labels[branch.group(1)], index))
+    with_mma = [(a, b) for a, b in loops if any(_is_mma(line) for line in lines[a:b])]
+    return [
+        (a, b)
+        for a, b in with_mma
+        if not any((a, b) != (c, d) and a <= c and d <= b for c, d in with_mma)  # holds no other MMA loop
+    ]
+
+
+def read_ptx_performance(ptx: str) -> dict:
+    """The static performance reading of one kernel's PTX, as CompileRecord fields:
+    - wgmma_n: the N of every `wgmma.mma_async...m64nNk...` in the kernel (Hopper's MMA is 64 rows high and reads
+      its A tile anew per instruction, so a narrow N costs more shared-memory traffic per FLOP);
+    - loop_waits_all: a main loop holds `cp.async.wait_group 0` (or `cp.async.wait_all`): each iteration waits for
+      every load in flight, so loads do not overlap the MMA (a one-buffer loop);
+    - loop_drains_mma: a main loop holds `wgmma.wait_group.sync.aligned 0`: the tensor cores idle until every MMA
+      issued so far is done, within the iteration (an unpipelined loop, or two dots into one accumulator);
+    - loop_sfu_per_mma: exp (`ex2`), reciprocal (`rcp`) and float divide (`div.*.f32`) instructions per MMA
+      instruction in the main loops, both counted per thread as written (statically: unrolled code counts as
+      written, a branch taken or not counts the same). The main loop rather than the whole kernel: the epilogue runs
+      once per tile, the loop once per K step, so only the loop's ratio says whether SFU work competes with the
+      MMA. None without a main loop.
+    sm_80's mma.sync is synchronous: there only wait-all and the SFU ratio say something (drain is always False).
+    """
+    lines = _ptx_instructions(ptx)
+    loops = [lines[a : b + 1] for a, b in main_loop_bodies(lines)]
+    body = [line for loop in loops for line in loop]
+    mma = sum(1 for line in body if _is_mma(line))
+    return dict(
+        wgmma_n=sorted({int(m.group(1)) for line in lines if (m := _WGMMA_SHAPE.match(line)) is not None}),
+        loop_waits_all=bool(loops)
+        and any(_waits_for(line, "cp.async.wait_group") == 0 or line.startswith("cp.async.wait_all") for line in body),
+        loop_drains_mma=bool(loops) and any(_waits_for(line, "wgmma.wait_group.sync.aligned") == 0 for line in body),
+        loop_sfu_per_mma=sum(1 for line in body if _is_sfu(line)) / mma if mma else None,
+    )
 
 
 def ptxas_path(arch: int) -> str:
@@ -235,6 +357,9 @@ def compile_spec(spec, arch: int) -> CompileRecord:
         record.smem = compiled.metadata.shared
         record.instrs = count_ptx_instructions(ptx)
         record.wgmma = "wgmma" in ptx
+        record.warps = spec.num_warps
+        for field, value in read_ptx_performance(ptx).items():
+            setattr(record, field, value)
         if record.smem <= SHARED_MEMORY_LIMIT[arch]:  # else loading it fails, and the table says why already
             record.driver_spills = _driver_spills(compiled, arch)
     except Exception as exc:  # every failure is a finding for the table, not a crash of the tool
@@ -319,9 +444,19 @@ def inspect_specs(
     return _compile_all(specs, archs, jobs)
 
 
+def _loop_cell(r: CompileRecord) -> str:
+    if r.loop_sfu_per_mma is None:  # no main loop read (no MMA in a loop, or no record)
+        return "-"
+    flags = [name for name, on in (("waitall", r.loop_waits_all), ("drain", r.loop_drains_mma)) if on]
+    return "+".join(flags) or "pipelined"
+
+
 def format_table(records: list[CompileRecord]) -> str:
-    """A text table, one row per record, then each failure's reasons in full."""
-    headers = ("kernel / config", "arch", "regs", "spills", "smem", "instrs", "wgmma", "status")
+    """A text table, one row per record, then each failure's reasons in full. The performance columns (see
+    read_ptx_performance): wgmma N widths, the main loop's waits, exp/divide per MMA there, and blocks per SM as
+    "resident (by registers, by shared memory)"."""
+    headers = ("kernel / config", "arch", "regs", "spills", "smem", "instrs", "wgmma")
+    headers += ("mma_n", "main loop", "sfu/mma", "blocks/SM", "status")
 
     def cell(value) -> str:
         return "-" if value is None else str(value)
@@ -335,6 +470,10 @@ def format_table(records: list[CompileRecord]) -> str:
             cell(r.smem),
             cell(r.instrs),
             ("yes" if r.wgmma else "no") if r.arch >= 90 and r.wgmma is not None else "-",
+            ",".join(map(str, r.wgmma_n)) if r.wgmma_n else "-",
+            _loop_cell(r),
+            "-" if r.loop_sfu_per_mma is None else f"{r.loop_sfu_per_mma:.1f}",
+            "-" if r.blocks_per_sm is None else f"{r.blocks_per_sm} ({r.blocks_by_regs},{r.blocks_by_smem})",
             "ok" if not r.problems else "FAIL",
         )
         for r in records
@@ -357,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dbrx_fast.inspect",
         description="Compile every kernel launch for sm_80 / sm_90 without a GPU; report registers, spills, shared "
-        "memory, PTX instructions and wgmma. Exit status 1 if any spec fails to compile, spills, overflows shared "
+        "memory, PTX instructions and wgmma, and read the PTX for performance: wgmma N, main-loop waits, exp/divide "
+        "per MMA, blocks per SM. Exit status 1 if any spec fails to compile, spills, overflows shared "
         "memory, or is a matrix kernel without wgmma on sm_90.",
     )
     parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)), help="comma-separated: 80,90")
