@@ -1,4 +1,4 @@
-"""Which NaN rule the Triton interpreter's floating max and min follow: the GPU's, or the opposite one on demand.
+"""The Triton interpreter made to compute as a GPU does: tl.dot's operand precision, and the NaN rule of float max/min.
 
 On a GPU, `tl.max` / `tl.min` and `tl.maximum` / `tl.minimum` (default `propagate_nan=NONE`) lower to llvm.maxnum /
 minnum, PTX `max.f32` / `min.f32`, which ignore a NaN operand (all-NaN gives NaN). The interpreter follows that rule
