@@ -100,3 +100,28 @@ def check_expert_weight(
     if w.shape[0] != num_experts * ffn:
         raise ValueError(f"{name} must be [E*F, H] with E = {num_experts}, F = {ffn}, got {tuple(w.shape)}")
     return ffn
+
+
+def check_down_grad_inputs(
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weights: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """The arguments both down-projection backward launchers take: dout [T, H] like gate, gate and up [T*k, F],
+    weights [T, k] and the dispatch metadata. Returns (sorted_slots, expert_offsets, E, T*k, H)."""
+    check_top_k(top_k)
+    check_preact(gate, up)
+    check_float("dout", dout, gate, "gate")
+    if dout.dim() != 2:
+        raise ValueError(f"dout must be [T, H], got shape {tuple(dout.shape)}")
+    num_rows, hidden = dout.shape[0] * top_k, dout.shape[1]
+    check_weights(weights, top_k, gate.device, dout.shape[0])
+    check_matrix("gate", gate, (num_rows, gate.shape[1]), "[T*k, F]")
+    sorted_slots, expert_offsets, num_experts = check_routing(
+        sorted_slots, expert_offsets, top_k, num_rows, gate.device
+    )
+    return sorted_slots, expert_offsets, num_experts, num_rows, hidden

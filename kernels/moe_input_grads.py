@@ -33,13 +33,12 @@ import triton.language as tl
 from .compile_spec import CompileSpec
 from .launch import launch
 from .moe_checks import (
+    check_down_grad_inputs,
     check_expert_weight,
-    check_float,
     check_matrix,
     check_preact,
     check_routing,
     check_top_k,
-    check_weights,
 )
 from .moe_experts import moe_combine
 from .moe_tiles import (
@@ -357,16 +356,8 @@ def moe_down_bwd(
 
     dout [T, H]; gate, up [T*k, F] saved by the forward; w2 [E*F, H]; weights [T, k] float32.
     """
-    check_top_k(top_k)
-    check_preact(gate, up)
-    check_float("dout", dout, gate, "gate")
-    if dout.dim() != 2:
-        raise ValueError(f"dout must be [T, H], got shape {tuple(dout.shape)}")
-    num_rows, hidden = dout.shape[0] * top_k, dout.shape[1]
-    check_weights(weights, top_k, gate.device, dout.shape[0])
-    check_matrix("gate", gate, (num_rows, gate.shape[1]), "[T*k, F]")
-    sorted_slots, expert_offsets, num_experts = check_routing(
-        sorted_slots, expert_offsets, top_k, num_rows, gate.device
+    sorted_slots, expert_offsets, num_experts, num_rows, hidden = check_down_grad_inputs(
+        dout, gate, up, weights, sorted_slots, expert_offsets, top_k
     )
     ffn = gate.shape[1]
     check_expert_weight("w2", w2, gate, "gate", num_experts, hidden, ffn)

@@ -26,13 +26,13 @@ import triton.language as tl
 from .compile_spec import CompileSpec
 from .launch import launch
 from .moe_checks import (
+    check_down_grad_inputs,
     check_float,
     check_matrix,
     check_num_experts,
     check_preact,
     check_routing,
     check_top_k,
-    check_weights,
 )
 from .moe_tiles import autotuned_by_class, chunk_rows, config, dot, expert_rows, gemm_class, gemm_specs
 
@@ -229,15 +229,9 @@ def moe_down_wgrad(
 ) -> torch.Tensor:
     """dw2 [E*F, H] in gate's dtype: dw2_e = sum over expert e's sorted rows p of h[p]^T (weights.flat[s] * dout[t]),
     with h = silu(gate) * up. An expert with no rows gets zeros."""
-    check_top_k(top_k)
-    check_preact(gate, up)
-    check_float("dout", dout, gate, "gate")
-    if dout.dim() != 2:
-        raise ValueError(f"dout must be [T, H], got shape {tuple(dout.shape)}")
-    num_rows, hidden = dout.shape[0] * top_k, dout.shape[1]
-    check_weights(weights, top_k, gate.device, dout.shape[0])
-    check_matrix("gate", gate, (num_rows, gate.shape[1]), "[T*k, F]")
-    sorted_slots, expert_offsets, _ = check_routing(sorted_slots, expert_offsets, top_k, num_rows, gate.device)
+    sorted_slots, expert_offsets, _, num_rows, hidden = check_down_grad_inputs(
+        dout, gate, up, weights, sorted_slots, expert_offsets, top_k
+    )
     check_num_experts(expert_offsets, num_experts)
     ffn = gate.shape[1]
 
