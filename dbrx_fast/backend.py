@@ -60,6 +60,12 @@ def choose_path(backend: str, op: str, x: torch.Tensor, *params: torch.Tensor) -
 _ran_keys: set[tuple] = set()
 
 
+def row_bucket(num_rows: int) -> int:
+    """The MoE kernels' autotune row bucket: triton.next_power_of_2(num_rows), without importing triton on the torch
+    path."""
+    return 1 << max(num_rows - 1, 0).bit_length()
+
+
 def capturing(device: torch.device) -> bool:
     """Whether the current CUDA stream of `device` is being captured into a CUDA graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

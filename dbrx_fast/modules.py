@@ -25,7 +25,7 @@ from transformers.models.dbrx.modeling_dbrx import (
 )
 
 from . import moe_torch, reference
-from .backend import check_capturable, choose_path
+from .backend import check_capturable, choose_path, row_bucket
 
 # Device types whose autocast runs layer_norm in float32 (torch/csrc/autograd/autocast_mode.cpp, the fp32 lists).
 LAYER_NORM_FP32_UNDER_AUTOCAST = ("cuda",)
@@ -201,7 +201,7 @@ class FastDbrxExperts(DbrxExperts):
                 check_capturable(
                     "MoE experts",
                     x,
-                    _next_power_of_2(x.shape[0] * top_k_index.shape[1]),
+                    row_bucket(x.shape[0] * top_k_index.shape[1]),
                     self.hidden_size,
                     self.ffn_hidden_size,
                     self.num_experts,
@@ -216,8 +216,3 @@ class FastDbrxExperts(DbrxExperts):
             y = impl.expert_outputs(x, w1, v1, w2, top_k_weights, sorted_slots, expert_offsets)
             out = impl.combine(y, x.dtype)
         return out.view(hidden_states.shape[0], -1, self.hidden_size)
-
-
-def _next_power_of_2(n: int) -> int:
-    """The MoE kernels' autotune row bucket (triton.next_power_of_2, without importing triton on the torch path)."""
-    return 1 << max(n - 1, 0).bit_length()

@@ -15,6 +15,7 @@ forwards there (cheap for a small model), which is what the CPU tests check.
 import torch
 from torch import nn
 
+from .backend import row_bucket
 from .patch import is_patched
 
 
@@ -22,7 +23,7 @@ def decode_token_counts(max_tokens: int, top_k: int) -> list[int]:
     """For each row bucket next_power_of_2(T*k) with 1 <= T <= max_tokens, the largest T that falls in it."""
     largest = {}
     for tokens in range(1, max_tokens + 1):
-        largest[1 << (tokens * top_k - 1).bit_length()] = tokens
+        largest[row_bucket(tokens * top_k)] = tokens
     return sorted(largest.values())
 
 
