@@ -8,6 +8,8 @@ once to the input dtype, as the kernels do.
 import torch
 import torch.nn.functional as F
 
+from .attention_mask import AttentionMask
+
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 stays float64; every other floating dtype computes in float32."""
@@ -100,36 +102,25 @@ def moe_experts_by_ids(
 
 
 def gqa_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Grouped-query attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] with Hq a multiple of Hkv.
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention. q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D], query head h reading KV head
+    h // (Hq / Hkv); `mask` says which keys each query sees (attention_mask.py).
 
-    Causal with an offset: the Sq queries are the last Sq positions of the Sk keys (decode and chunked prefill).
-    key_padding_mask [B, Sk] is True where a key is real. A query that sees no key (a padded row) returns zeros.
+    Returns (out [B, Nq, Hq, D] in q's dtype, the layout transformers' attention functions return; lse [B, Hq, Nq]
+    in the compute dtype: the natural log of sum_j exp(scale * q.k_j) over the allowed keys). A query that sees no
+    key gets out 0 and lse -inf.
     """
     dt = compute_dtype(q)
     group = q.shape[1] // k.shape[1]
-    qc = q.to(dt)
     kc = k.to(dt).repeat_interleave(group, dim=1)
     vc = v.to(dt).repeat_interleave(group, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (qc @ kc.transpose(-1, -2)) * scale
-    sq, sk = q.shape[-2], k.shape[-2]
-    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = torch.tril(allowed, diagonal=sk - sq)
-    allowed = allowed[None, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :].bool()
+    scores = (q.to(dt) @ kc.transpose(-1, -2)) * scale
+    allowed = mask.dense(q.shape[-2], k.shape[-2])[:, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (probs @ vc).to(q.dtype)
+    return (probs @ vc).transpose(1, 2).to(q.dtype), lse
 
 
 def dispatch(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
