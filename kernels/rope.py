@@ -41,6 +41,12 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """The rotate-half rotation of x = [x1, x2] (float32 tiles): [x1 * cos - x2 * sin, x2 * cos + x1 * sin]."""
+    return (x1 * cos - x2 * sin), (x2 * cos + x1 * sin)
+
+
+@triton.jit
 def _rotate_tile(
     x_ptr,
     out_ptr,
@@ -54,9 +60,10 @@ def _rotate_tile(
     """Rotate one [BLOCK_S, D] tile: the halves x1 = x[:, :HALF] and x2 = x[:, HALF:] mix through cos and sin."""
     x1 = tl.load(x_ptr + offs_x, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + offs_x + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = rotate_halves(x1, x2, cos, sin)
     out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + offs_out, (x1 * cos - x2 * sin).to(out_ty), mask=mask)
-    tl.store(out_ptr + offs_out + HALF, (x2 * cos + x1 * sin).to(out_ty), mask=mask)
+    tl.store(out_ptr + offs_out, y1.to(out_ty), mask=mask)
+    tl.store(out_ptr + offs_out + HALF, y2.to(out_ty), mask=mask)
 
 
 # seq_len is left out of the key on purpose: generation changes it at every step, and tuning again for every prompt
@@ -137,15 +144,15 @@ def _rope_kernel(
             )
 
 
-def _check_table(name: str, t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    batch, _, seq_len, head_dim = q.shape
+def check_table(op: str, name: str, t: torch.Tensor, x: torch.Tensor, batch: int, seq_len: int, head_dim: int):
+    """cos or sin [1 or B, S, D] on x's device, as a [B, S, D] view with unit stride on D (errors name `op`)."""
     if not t.is_floating_point():
-        raise TypeError(f"rope: {name} must be a floating tensor, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"rope: {name} is on {t.device} but q is on {q.device}")
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the activations are on {x.device}")
     if t.dim() != 3 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq_len, head_dim):
         raise ValueError(
-            f"rope: {name} must be [1 or {batch}, {seq_len}, {head_dim}] for q {tuple(q.shape)}, got {tuple(t.shape)}"
+            f"{op}: {name} must be [1 or {batch}, {seq_len}, {head_dim}] for {tuple(x.shape)}, got {tuple(t.shape)}"
         )
     # The kernel reads rows of the table with unit stride; the table is small, so a copy is cheap when it is not.
     t = t if t.stride(-1) == 1 else t.contiguous()
@@ -180,8 +187,8 @@ def rope(
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must share B, S and D")
     if head_dim < 2 or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"rope: head dim must be an even power of two <= {MAX_HEAD_DIM}, got {head_dim}")
-    cos = _check_table("cos", cos, q)
-    sin = _check_table("sin", sin, q)
+    cos = check_table("rope", "cos", cos, q, batch, seq_len, head_dim)
+    sin = check_table("rope", "sin", sin, q, batch, seq_len, head_dim)
 
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
