@@ -31,7 +31,16 @@ from .autotune import autotune
 from .compile_spec import CompileSpec
 from .launch import launch
 from .rope import _DTYPES, _TRITON_DTYPE, MAX_HEAD_DIM, check_table, rotate_halves
-from .rope import _configs as _configs  # the same tiles: BLOCK_S positions x HEADS_PER_PROGRAM heads of D columns
+
+
+def _configs() -> list[triton.Config]:
+    # kernels/rope.py's tiles (BLOCK_S positions x HEADS_PER_PROGRAM heads, 8 elements of a half per thread at D =
+    # 128) but its 16-warp one: at 512 threads a thread gets at most 128 registers, and the clamp's backward, which
+    # also loads qkv, spills there.
+    return [
+        triton.Config({"BLOCK_S": bs, "HEADS_PER_PROGRAM": hp}, num_warps=nw)
+        for bs, hp, nw in ((16, 4, 4), (16, 8, 4), (8, 8, 2), (32, 4, 8), (32, 8, 8))
+    ]
 
 
 @triton.jit
@@ -123,54 +132,66 @@ def _qkv_rope_kernel(
     HEADS_PER_PROGRAM: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
-    # int64 from here on: batch, head and position offsets into a fused qkv activation can pass 2**31.
-    offs_s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    # Offsets into a fused qkv activation can pass 2**31: the bases of a program's tile (batch, first position, head)
+    # are int64 scalars, and the offsets within a tile int32, computed once for every head it moves.
+    s0 = tl.program_id(0).to(tl.int64) * BLOCK_S
     head_start = tl.program_id(1).to(tl.int64) * HEADS_PER_PROGRAM
     b = tl.program_id(2).to(tl.int64)
 
-    offs_d = tl.arange(0, HALF)[None, :]
-    in_seq = offs_s < seq_len
+    rows = tl.arange(0, BLOCK_S)[:, None]
+    cols = tl.arange(0, HALF)[None, :]
+    in_seq = s0 + tl.arange(0, BLOCK_S) < seq_len
     mask = in_seq[:, None]
 
-    cos = tl.load(cos_ptr + b * stride_cos_b + offs_s[:, None] * stride_cos_s + offs_d, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + b * stride_sin_b + offs_s[:, None] * stride_sin_s + offs_d, mask=mask, other=0.0)
+    cos = tl.load(cos_ptr + b * stride_cos_b + s0 * stride_cos_s + rows * stride_cos_s + cols, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + b * stride_sin_b + s0 * stride_sin_s + rows * stride_sin_s + cols, mask=mask, other=0.0)
     cos = cos.to(tl.float32)
     sin = sin.to(tl.float32)
     if BACKWARD:
         sin = -sin
 
+    fused_ptr += b * stride_fused_b + s0 * stride_fused_s
+    x_ptr += b * stride_x_b + s0 * stride_x_s
+    q_ptr += b * stride_q_b + s0 * stride_q_s
+    k_ptr += b * stride_k_b
+    v_ptr += b * stride_v_b
+    offs_fused = rows * stride_fused_s + cols
+    offs_x = rows * stride_x_s + cols
+    offs_q = rows * stride_q_s + cols
     # k and v rows: the positions themselves, or the cache rows they go to (rows outside the cache are dropped).
-    kv_rows = offs_s
-    kv_mask = mask
     if CACHE:
-        kv_rows = tl.load(cache_pos_ptr + offs_s, mask=in_seq, other=0).to(tl.int64)
-        kv_mask = (in_seq & (kv_rows >= 0) & (kv_rows < cache_len))[:, None]
+        kv_rows = tl.load(cache_pos_ptr + s0 + tl.arange(0, BLOCK_S), mask=in_seq, other=0).to(tl.int64)[:, None]
+        kv_mask = mask & (kv_rows >= 0) & (kv_rows < cache_len)
+        offs_k = kv_rows * stride_k_s + cols
+        offs_v = kv_rows * stride_v_s + cols
+    else:
+        kv_mask = mask
+        k_ptr += s0 * stride_k_s
+        v_ptr += s0 * stride_v_s
+        offs_k = rows * stride_k_s + cols
+        offs_v = rows * stride_v_s + cols
 
     n_heads = n_heads_q + 2 * n_heads_kv
     for i in range(HEADS_PER_PROGRAM):
         h = head_start + i
         # Head h is columns [h*D, (h+1)*D) of qkv in every part.
-        offs_fused = b * stride_fused_b + offs_s[:, None] * stride_fused_s + h * HEAD_DIM + offs_d
-        offs_x = b * stride_x_b + offs_s[:, None] * stride_x_s + h * HEAD_DIM + offs_d
+        fused_h, x_h = fused_ptr + h * HEAD_DIM, x_ptr + h * HEAD_DIM
         # A program's heads can straddle the parts: a branch per head picks the tensor.
         if h < n_heads_q:
-            offs_q = b * stride_q_b + h * stride_q_h + offs_s[:, None] * stride_q_s + offs_d
             _move_head(
-                fused_ptr, x_ptr, q_ptr, offs_fused, offs_x, offs_q, mask, cos, sin, clip_lo, clip_hi,
+                fused_h, x_h, q_ptr + h * stride_q_h, offs_fused, offs_x, offs_q, mask, cos, sin, clip_lo, clip_hi,
                 HALF, True, CLAMP, BACKWARD,
             )  # fmt: skip
         elif h < n_heads_q + n_heads_kv:
-            hk = h - n_heads_q
-            offs_k = b * stride_k_b + hk * stride_k_h + kv_rows[:, None] * stride_k_s + offs_d
+            k_h = k_ptr + (h - n_heads_q) * stride_k_h
             _move_head(
-                fused_ptr, x_ptr, k_ptr, offs_fused, offs_x, offs_k, kv_mask, cos, sin, clip_lo, clip_hi,
+                fused_h, x_h, k_h, offs_fused, offs_x, offs_k, kv_mask, cos, sin, clip_lo, clip_hi,
                 HALF, True, CLAMP, BACKWARD,
             )  # fmt: skip
         elif h < n_heads:
-            hv = h - n_heads_q - n_heads_kv
-            offs_v = b * stride_v_b + hv * stride_v_h + kv_rows[:, None] * stride_v_s + offs_d
+            v_h = v_ptr + (h - n_heads_q - n_heads_kv) * stride_v_h
             _move_head(
-                fused_ptr, x_ptr, v_ptr, offs_fused, offs_x, offs_v, kv_mask, cos, sin, clip_lo, clip_hi,
+                fused_h, x_h, v_h, offs_fused, offs_x, offs_v, kv_mask, cos, sin, clip_lo, clip_hi,
                 HALF, False, CLAMP, BACKWARD,
             )  # fmt: skip
 
