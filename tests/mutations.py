@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 CI_MODE = {"DBRX_FAST_PROGRAM_ORDER": "shuffled", "DBRX_FAST_RACE_CHECK": "1"}
 MOE_FWD = ("tests/test_moe_experts.py",)
 MOE_BWD = ("tests/test_moe_experts_backward.py",)
+QKV = ("tests/test_qkv_rope.py",)
 
 
 @dataclass
@@ -206,6 +207,23 @@ MUTATIONS = [
         "for i in range(HEADS_PER_PROGRAM):",
         "for i in range(HEADS_PER_PROGRAM - 1):",
         ("tests/test_rope.py",),
+    ),
+    # QKV post-processing.
+    Mutation(
+        "qkv_rope: clamp gradient excludes the bound",
+        "qkv_rope.py",
+        "(x2 >= clip_lo) & (x2 <= clip_hi)",
+        "(x2 >= clip_lo) & (x2 < clip_hi)",
+        QKV,
+    ),
+    Mutation("qkv_rope: v rotated", "qkv_rope.py", "HALF, False, CLAMP, BACKWARD", "HALF, True, CLAMP, BACKWARD", QKV),
+    Mutation("qkv_rope: backward rotates forward", "qkv_rope.py", "sin = -sin", "sin = sin", QKV),
+    Mutation(
+        "qkv_rope: cache rows ignore the bound",
+        "qkv_rope.py",
+        "(kv_rows >= 0) & (kv_rows < cache_len)",
+        "(kv_rows >= 0) & (kv_rows <= cache_len)",
+        QKV,
     ),
     # Routing.
     Mutation(

@@ -31,6 +31,7 @@ from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.moe_routing import Routing
 from dbrx_fast.ops.layernorm import layer_norm
 from dbrx_fast.ops.moe import moe_experts_by_routing
+from dbrx_fast.ops.qkv import qkv_rope
 from dbrx_fast.ops.rope import rope
 from dbrx_fast.ops.routing import route
 
@@ -125,6 +126,21 @@ def run_rope(configs, dtype):
     _check_grads(out, ref, [ql, kl], [qr, kr], ("q", "k"), dtype)
 
 
+def run_qkv_rope(configs, dtype):
+    """MQA with a program's share of heads straddling q, k and v; positions one tile plus a remainder; clamped."""
+    block_s = max(c.kwargs["BLOCK_S"] for c in configs)
+    n_heads_q, batch, seq, dim, clip = max(c.kwargs["HEADS_PER_PROGRAM"] for c in configs) + 3, 2, block_s + 5, 32, 1.0
+    qkv = torch.randn(batch, seq, (n_heads_q + 2) * dim).to(dtype)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    cos, sin = reference.rope_cos_sin(torch.arange(seq)[None].expand(batch, -1) + 1000, inv_freq)
+    (leaf,), (ref_leaf,) = _leaves(qkv)
+    out = torch.cat([t.flatten() for t in qkv_rope(leaf, cos.float(), sin.float(), clip, n_heads_q, 1)])
+    q, k, v = ref_leaf.clamp(-clip, clip).split([n_heads_q * dim, dim, dim], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, dim)).transpose(1, 2) for t in (q, k, v))
+    ref = torch.cat([t.flatten() for t in (*reference.rope(q, k, cos, sin), v)])
+    _check_grads(out, ref, [leaf], [ref_leaf], ("qkv",), dtype)
+
+
 def run_routing(configs, dtype):
     tokens, experts, top_k = 150, 16, 4
     logits = torch.randn(tokens, experts).to(dtype)
@@ -166,6 +182,7 @@ class Group:
 GROUPS = {
     "layernorm": Group(("_layernorm_fwd_kernel", "_layernorm_bwd_kernel"), run_layernorm, prune_layernorm),
     "rope": Group(("_rope_kernel",), run_rope),
+    "qkv_rope": Group(("_qkv_rope_kernel",), run_qkv_rope),
     "routing": Group(("_route_fwd_kernel", "_route_bwd_kernel"), run_routing),
     "moe": Group(
         (
