@@ -129,7 +129,7 @@ def run_rope(configs, dtype):
 def run_qkv_rope(configs, dtype):
     """MQA with a program's share of heads straddling q, k and v; positions one tile plus a remainder; clamped."""
     block_s = max(c.kwargs["BLOCK_S"] for c in configs)
-    n_heads_q, batch, seq, dim, clip = max(c.kwargs["HEADS_PER_PROGRAM"] for c in configs) + 3, 2, block_s + 5, 32, 1.0
+    n_heads_q, batch, seq, dim, clip = max(c.kwargs["HEADS_PER_PROGRAM"] for c in configs) + 3, 2, block_s + 5, 16, 1.0
     qkv = torch.randn(batch, seq, (n_heads_q + 2) * dim).to(dtype)
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     cos, sin = reference.rope_cos_sin(torch.arange(seq)[None].expand(batch, -1) + 1000, inv_freq)

@@ -136,8 +136,9 @@ def test_clamp_matches_torch_exactly(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("seq_len, start", [(1, 9), (5, 3)], ids=["decode", "chunk"])
 def test_cache_write(device, dtype, seq_len, start):
-    """k and v go straight into a transformers StaticLayer's storage at cache_position, as its update would put them;
-    the rest of the storage (garbage here) stays untouched, rows past the cache are dropped, and q is unchanged."""
+    """k and v go straight into a transformers StaticLayer's storage (here strided views) at cache_position, as its
+    update would put them; the rest of the storage (garbage) stays untouched, a row past the cache is dropped, and q
+    is the same as without a cache."""
     batch, n_heads_q, n_heads_kv, head_dim, cache_len = 2, 6, 1, 64, 12
     heads = (n_heads_q, n_heads_kv)
     qkv = make_qkv(batch, seq_len, *heads, head_dim, dtype, device, clip=CLIP)
@@ -148,9 +149,12 @@ def test_cache_write(device, dtype, seq_len, start):
     layer, expected = StaticLayer(cache_len), StaticLayer(cache_len)
     for cache in (layer, expected):
         cache.lazy_initialization(k_ref, v_ref)
-        cache.keys.copy_(torch.randn(cache.keys.shape))
-        cache.values.copy_(torch.randn(cache.values.shape))
-    expected.keys.copy_(layer.keys), expected.values.copy_(layer.values)
+    # The kernel's storage: garbage, and views of one row more per head, whose extra row must stay untouched too.
+    guarded = [torch.randn(batch, n_heads_kv, cache_len + 1, head_dim, dtype=dtype, device=device) for _ in "kv"]
+    layer.keys, layer.values = (t[:, :, :cache_len] for t in guarded)
+    expected.keys, expected.values = (t.clone() for t in guarded)
+    guards = [t[:, :, cache_len].clone() for t in guarded]
+    expected.keys, expected.values = (t[:, :, :cache_len] for t in (expected.keys, expected.values))
     expected.cumulative_length.fill_(start)  # as if `start` tokens were cached already
     expected.update(k_ref, v_ref)
     # The last row of a chunk aimed one past the cache: dropped, nothing written out of bounds.
@@ -166,6 +170,7 @@ def test_cache_write(device, dtype, seq_len, start):
     assert k is layer.keys and v is layer.values
     assert torch.equal(q, q_ref)
     assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)
+    assert all(torch.equal(t[:, :, cache_len], guard) for t, guard in zip(guarded, guards, strict=True))
 
 
 def test_cache_write_refuses_autograd(device):
