@@ -16,8 +16,9 @@ representable x, so the clamped values are stock's exactly, and the rotation the
 
 Each program owns BLOCK_S positions of one batch entry and HEADS_PER_PROGRAM heads of the list [q heads..., k
 heads..., v heads...], which is also the order of the heads in qkv's columns: it loads its cos/sin tile once and moves
-every head it owns with it. Memory-bound: every element is read once and written once (2 * B*S*W elements each way
-in the backward with a clamp, which also reads qkv); the cos/sin tile is read once per program.
+every head it owns with it. Memory-bound (a few flops per element): every element is read once and written once, and
+the backward with a clamp also reads qkv once; the cos/sin tile is read once per program. A program's loads are rows
+of D/2 contiguous elements (128 bytes at D = 128 in bf16), its stores rows of the [B, H, S, D] outputs.
 Limits: D a power of two, 2 <= D <= 256; fp16, bf16 or fp32 (float64 raises a TypeError so a caller can fall back to
 the eager path). Cache rows outside [0, L) are not written (there is no host check: it would sync, which CUDA-graph
 capture forbids), so the caller must keep the positions inside the cache.
