@@ -88,6 +88,13 @@ def _move_head(
     tl.store(dst_ptr + offs_dst + HALF, y2.to(out_ty), mask=mask)
 
 
+@triton.jit
+def _cache_rows(head_ptr, stride_s, cache_pos_ptr, mask, in_seq, cache_len, BLOCK_S: tl.constexpr):
+    """Row pointers [BLOCK_S, 1] of one cache head at the tile's cache positions, and the mask of those inside it."""
+    rows = tl.load(cache_pos_ptr + tl.arange(0, BLOCK_S), mask=in_seq, other=0).to(tl.int64)[:, None]
+    return head_ptr + rows * stride_s, mask & (rows >= 0) & (rows < cache_len)
+
+
 # As for kernels/rope.py: seq_len is neither a key nor specialised on (a decode step would otherwise compile its own
 # kernel), and the strides that change with it are multiples of HEAD_DIM, so their specialisation stays the same.
 # The key holds every constexpr that changes the code besides the config's own.
@@ -159,14 +166,13 @@ def _qkv_rope_kernel(
     offs_fused = rows * stride_fused_s + cols
     offs_x = rows * stride_x_s + cols
     offs_q = rows * stride_q_s + cols
-    # k and v rows: the positions themselves, or the cache rows they go to (rows outside the cache are dropped).
+    # k and v rows: the positions themselves, or (CACHE) the cache rows they go to, loaded where a head needs them:
+    # held across the head loop, their int64 row offsets spill on sm_90 at 8 warps.
+    kv_mask = mask
     if CACHE:
-        kv_rows = tl.load(cache_pos_ptr + s0 + tl.arange(0, BLOCK_S), mask=in_seq, other=0).to(tl.int64)[:, None]
-        kv_mask = mask & (kv_rows >= 0) & (kv_rows < cache_len)
-        offs_k = kv_rows * stride_k_s + cols
-        offs_v = kv_rows * stride_v_s + cols
+        offs_k = cols
+        offs_v = cols
     else:
-        kv_mask = mask
         k_ptr += s0 * stride_k_s
         v_ptr += s0 * stride_v_s
         offs_k = rows * stride_k_s + cols
@@ -185,12 +191,16 @@ def _qkv_rope_kernel(
             )  # fmt: skip
         elif h < n_heads_q + n_heads_kv:
             k_h = k_ptr + (h - n_heads_q) * stride_k_h
+            if CACHE:
+                k_h, kv_mask = _cache_rows(k_h, stride_k_s, cache_pos_ptr + s0, mask, in_seq, cache_len, BLOCK_S)
             _move_head(
                 fused_h, x_h, k_h, offs_fused, offs_x, offs_k, kv_mask, cos, sin, clip_lo, clip_hi,
                 HALF, True, CLAMP, BACKWARD,
             )  # fmt: skip
         elif h < n_heads:
             v_h = v_ptr + (h - n_heads_q - n_heads_kv) * stride_v_h
+            if CACHE:
+                v_h, kv_mask = _cache_rows(v_h, stride_v_s, cache_pos_ptr + s0, mask, in_seq, cache_len, BLOCK_S)
             _move_head(
                 fused_h, x_h, v_h, offs_fused, offs_x, offs_v, kv_mask, cos, sin, clip_lo, clip_hi,
                 HALF, False, CLAMP, BACKWARD,
