@@ -221,8 +221,8 @@ MUTATIONS = [
     Mutation(
         "qkv_rope: cache rows ignore the bound",
         "qkv_rope.py",
-        "(kv_rows >= 0) & (kv_rows < cache_len)",
-        "(kv_rows >= 0) & (kv_rows <= cache_len)",
+        "mask & (rows >= 0) & (rows < cache_len)",
+        "mask & (rows >= 0) & (rows <= cache_len)",
         QKV,
     ),
     # Routing.
