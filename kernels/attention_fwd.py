@@ -50,17 +50,19 @@ def _configs() -> dict[str, list]:
     return {
         "16bit": [
             config(8, 3, BLOCK_M=128, BLOCK_N=64),
-            config(8, 3, BLOCK_M=128, BLOCK_N=128),
-            config(4, 3, BLOCK_M=128, BLOCK_N=64),
+            config(8, 2, BLOCK_M=128, BLOCK_N=64),
             config(4, 3, BLOCK_M=64, BLOCK_N=64),
         ],
         "tf32": [
-            config(4, 2, BLOCK_M=64, BLOCK_N=32),
             config(8, 2, BLOCK_M=128, BLOCK_N=32),
+            config(4, 2, BLOCK_M=64, BLOCK_N=16),
+            config(8, 2, BLOCK_M=64, BLOCK_N=32),
         ],
         "fp32_dot": [
-            config(4, 1, BLOCK_M=32, BLOCK_N=32),
-            config(4, 2, BLOCK_M=64, BLOCK_N=16),
+            config(8, 1, BLOCK_M=32, BLOCK_N=32),
+            config(4, 1, BLOCK_M=16, BLOCK_N=32),
+            config(8, 1, BLOCK_M=64, BLOCK_N=16),
+            config(8, 2, BLOCK_M=32, BLOCK_N=16),
         ],
     }
 
