@@ -94,12 +94,15 @@ def _attend_tiles(
 
     Unmasked tiles must lie inside [0, num_keys) and be seen whole by every query of the block. m_i is in base 2
     (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0."""
+    # Tile offsets stay loop-invariant and the tile's first row moves as a scalar: a loop-carried tensor of 64-bit
+    # pointers would hold two registers per element (it spilled on sm_80).
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_ptrs = k_head_ptr + offs_n[:, None] * stride_k_n + offs_d[None, :]
-    v_ptrs = v_head_ptr + offs_n[:, None] * stride_v_n + offs_d[None, :]
+    k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_k_n + offs_d[None, :]
+    v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_v_n + offs_d[None, :]
     for n0 in range(start, end, BLOCK_N):
         offs_k = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_head_ptr + n0.to(tl.int64) * stride_k_n + k_offs
+        v_ptrs = v_head_ptr + n0.to(tl.int64) * stride_v_n + v_offs
         if MASKED:
             k = tl.load(k_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
@@ -121,8 +124,6 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_k_n
-        v_ptrs += BLOCK_N * stride_v_n
     return acc, m_i, l_i
 
 
