@@ -42,12 +42,13 @@ def make_mask(kind: str, batch: int, num_queries: int, num_keys: int, device) ->
         pads = torch.tensor([num_keys // 3 + 2, 3][:batch] + [0] * max(0, batch - 2))
         j = torch.arange(num_keys)[None]
         key_mask = j >= pads[:, None] if kind == "left" else j < (num_keys - pads)[:, None]
-    elif kind == "packed":  # queries are the last Nq positions of the keys; sequences start at these key positions
+    elif kind == "packed":
+        # Queries are the last Nq positions of the keys; three sequences per row, starting off any tile boundary, so
+        # that some query block lies inside a sequence whose first key is mid-tile.
         key_start = torch.zeros(batch, num_queries, dtype=torch.int32)
+        positions = torch.arange(num_queries) + num_keys - num_queries
         for b in range(batch):
-            cuts = sorted(torch.randperm(num_keys - 1)[:2] + 1)
-            positions = torch.arange(num_queries) + num_keys - num_queries
-            for cut in cuts:
+            for cut in (num_keys // (8 - 3 * b) + 1, num_keys // 2 + 1 + 2 * b):
                 key_start[b] = torch.where(positions >= cut, cut, key_start[b])
     elif kind == "offset":
         offsets = torch.tensor([num_keys // 2, -3][:batch], dtype=torch.int32)
