@@ -101,8 +101,8 @@ def _attend_tiles(
     v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_v_n + offs_d[None, :]
     for n0 in range(start, end, BLOCK_N):
         offs_k = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_head_ptr + n0.to(tl.int64) * stride_k_n + k_offs
-        v_ptrs = v_head_ptr + n0.to(tl.int64) * stride_v_n + v_offs
+        k_ptrs = k_head_ptr + tl.cast(n0, tl.int64) * stride_k_n + k_offs
+        v_ptrs = v_head_ptr + tl.cast(n0, tl.int64) * stride_v_n + v_offs
         if MASKED:
             k = tl.load(k_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
