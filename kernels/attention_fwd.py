@@ -12,8 +12,9 @@ registers and walks the key tiles the block may see (`key_range`: tiles past the
 packed sequence are never loaded), with a running row max m, row sum l and an fp32 accumulator (online softmax). The
 softmax runs in base 2: scale * log2(e) folds into one multiply of the scores, exp2 is the SFU's native exponential.
 Tiles that every query of the block sees whole (`keys_all_see`) run without a mask; only the tiles on the causal
-diagonal, at a packing boundary or past Nk (and every tile when a key_mask is given: padding can fall anywhere) pay
-for `keys_allowed`. Programs are independent (no atomics): the result does not depend on their order.
+diagonal and past Nk pay for `keys_allowed` (and every tile with a key_mask or key_start: padding can fall anywhere,
+and a separate loop for the tiles at a packing boundary spilled on sm_80). Programs are independent (no atomics):
+the result does not depend on their order.
 
 Bound: the tensor cores at long sequences (4 * Nq * Nk * D FLOPs per head, halved when causal, against
 (Nq + 2 * Nk) * D elements read), with one exp2 per score on the SFU beside every 2 * D multiply-adds; memory only
@@ -43,16 +44,15 @@ def _configs() -> dict[str, list]:
     """Tiles per GEMM class (kernels/moe_tiles.py), the pinned one first.
 
     16 bits: 128 queries per program over 8 warps (two warpgroups of 64 rows, as wgmma takes them) and key tiles of
-    64; 4 warps and 64-query blocks for short sequences, where more programs fill the GPU. Measured with ptxas
-    (python -m dbrx_fast.inspect): 128 x 128 tiles spill at head_dim 128 (8 warps: sm_80 and sm_90), as do 128 x 64
-    tiles on 4 warps; two stages wait for every load in the loop. tf32 tiles take twice the shared memory of 16-bit
+    64. Measured with ptxas (python -m dbrx_fast.inspect): 128 x 128 tiles spill at head_dim 128 (8 warps: sm_80 and
+    sm_90), as do 128 x 64 tiles on 4 warps and 64 x 64 tiles on 4 warps (sm_90, Triton 3.9); two stages wait for
+    every load in the loop. tf32 tiles take twice the shared memory of 16-bit
     ones. fp32_dot multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage,
     and 32 x 32 tiles, spill on sm_90).
     """
     return {
         "16bit": [
             config(8, 3, BLOCK_M=128, BLOCK_N=64),
-            config(4, 3, BLOCK_M=64, BLOCK_N=64),
         ],
         "tf32": [
             config(8, 2, BLOCK_M=128, BLOCK_N=32),
@@ -195,22 +195,15 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lo, hi = key_range(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
     lo = (lo // BLOCK_N) * BLOCK_N
-    # Three runs of tiles: masked before the whole-seen tiles (packing), unmasked, masked after (causal diagonal and
-    # the ragged end). Their union covers [lo, hi).
-    mid_lo = lo
+    # Two runs of tiles: unmasked (every query sees them whole), then masked (the causal diagonal and the ragged end).
+    # With padding or packing every tile is masked: padding can fall anywhere, and a third loop for the tiles before
+    # a packing boundary spilled on sm_80 (Triton 3.9).
     mid_hi = lo
-    if not HAS_KEY_MASK:
-        all_lo, all_hi = keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
-        mid_lo = tl.maximum(tl.cdiv(all_lo, BLOCK_N) * BLOCK_N, lo)
-        mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, mid_lo)
-        if HAS_KEY_START:
-            acc, m_i, l_i = _attend_tiles(
-                acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_lo, offs_q, q_valid,
-                q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
-                True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
-            )  # fmt: skip
+    if not (HAS_KEY_MASK or HAS_KEY_START):
+        _, all_hi = keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
+        mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, lo)
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, mid_lo, mid_hi, offs_q, q_valid,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, offs_q, q_valid,
             q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
             False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
