@@ -204,8 +204,12 @@ class Harness:
 
     # ---- running cases ----------------------------------------------------------------------------------------
 
-    def run_case(self, case: Case, providers: dict[str, Callable[[Case], Step]], baseline: str | None) -> list[dict]:
-        """Measure every provider on `case`, append the rows to the results file, and return them.
+    def run_case(
+        self, case: Case, providers: dict[str, Callable[[Case], Step]], baseline: str | tuple[str, ...] | None
+    ) -> list[dict]:
+        """Measure every provider on `case`, append the rows to the results file, and return them. `vs_baseline`
+        compares with the baseline provider, or with the fastest of several (SDPA's backends, say), which each row
+        names as `baseline`.
 
         A provider whose setup raises ProviderUnavailable gets a row with status "unavailable: <why>"; running out
         of GPU memory gives "oom"; any other exception gives "error: ..." with the traceback printed, is remembered
@@ -235,9 +239,11 @@ class Harness:
                 _release(self.device)
             _fill_rates(row, case, dense, self.copy_gbps)
             rows.append(row)
-        base = next((r for r in rows if r["provider"] == baseline and r["ms"]), None)
+        candidates = (baseline,) if isinstance(baseline, str) else baseline or ()
+        base = min((r for r in rows if r["provider"] in candidates and r["ms"]), key=lambda r: r["ms"], default=None)
         for r in rows:
             r["vs_baseline"] = base["ms"] / r["ms"] if base and r["ms"] else None
+            r["baseline"] = base["provider"] if base else None
         self._append(rows)
         return rows
 

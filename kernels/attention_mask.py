@@ -43,3 +43,17 @@ def keys_allowed(
         starts = tl.load(key_start_row + offs_q, mask=q_valid, other=2**30)
         allowed = allowed & (offs_k[None, :] >= starts[:, None])
     return allowed
+
+
+@triton.jit
+def keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START: tl.constexpr):
+    """[lo, hi): the keys every valid query of the block sees, key_mask aside (a kernel may skip `keys_allowed` on
+    tiles inside it); hi <= lo when there are none. offs_q ascends, so the first valid query has the tightest causal
+    bound."""
+    q_first = tl.min(tl.where(q_valid, offs_q, 2**30))
+    hi = tl.minimum(num_keys, q_first + q_offset + 1)
+    lo = 0
+    if HAS_KEY_START:
+        starts = tl.load(key_start_row + offs_q, mask=q_valid, other=0)
+        lo = tl.maximum(tl.max(starts), 0)
+    return lo, hi

@@ -2,7 +2,16 @@
 
 import importlib
 
-KERNEL_MODULES = ("rope", "qkv_rope", "layernorm", "moe_routing", "moe_experts", "moe_input_grads", "moe_weight_grads")
+KERNEL_MODULES = (
+    "rope",
+    "qkv_rope",
+    "layernorm",
+    "moe_routing",
+    "moe_experts",
+    "moe_input_grads",
+    "moe_weight_grads",
+    "attention_fwd",
+)
 
 
 def all_compile_specs():

@@ -25,6 +25,7 @@ CI_MODE = {"DBRX_FAST_PROGRAM_ORDER": "shuffled", "DBRX_FAST_RACE_CHECK": "1"}
 MOE_FWD = ("tests/test_moe_experts.py",)
 MOE_BWD = ("tests/test_moe_experts_backward.py",)
 QKV = ("tests/test_qkv_rope.py",)
+ATTENTION_FWD = ("tests/test_attention.py",)
 
 
 @dataclass
@@ -246,6 +247,42 @@ MUTATIONS = [
         "tl.store(sorted_slots_ptr + start + base + rank",
         "tl.store(sorted_slots_ptr + start + rank",
         ("tests/test_routing.py",),
+    ),
+    # Attention forward.
+    Mutation(
+        "attention_fwd: the causal diagonal tile unmasked",
+        "attention_fwd.py",
+        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, mid_lo)",
+        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N + 1) * BLOCK_N, mid_lo)",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: query head reads the wrong KV head",
+        "attention_fwd.py",
+        "kv_head = head // group",
+        "kv_head = head % (num_q_heads // group)",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: skips the packed sequence's first tiles",
+        "attention_fwd.py",
+        "lo = (lo // BLOCK_N) * BLOCK_N",
+        "lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: no rescale of the accumulator",
+        "attention_fwd.py",
+        "acc * alpha[:, None]",
+        "acc",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: lse in base 2",
+        "attention_fwd.py",
+        "* 0.6931471805599453",
+        "* 1.0",
+        ATTENTION_FWD,
     ),
 ]
 

@@ -27,6 +27,8 @@ from triton.runtime.autotuner import Autotuner
 
 import dbrx_fast.kernels
 from dbrx_fast import reference
+from dbrx_fast.attention_mask import AttentionMask
+from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.moe_routing import Routing
 from dbrx_fast.ops.layernorm import layer_norm
@@ -172,6 +174,23 @@ def run_moe(configs, dtype):
     _check_grads(out, ref, leaves, ref_leaves, ("x", "w1", "v1", "w2", "weights"), dtype)
 
 
+def run_attention(configs, dtype):
+    """Forward only (the backward's group is its own): one query block of the largest BLOCK_M plus a remainder, keys
+    past the queries (a causal offset) by one key tile plus a remainder, two packed sequences, so that the masked,
+    unmasked and boundary tile runs all execute."""
+    num_queries = max(c.kwargs["BLOCK_M"] for c in configs) + 5
+    num_keys = num_queries + max(c.kwargs["BLOCK_N"] for c in configs) + 3
+    q = torch.randn(1, 2, num_queries, 64).to(dtype)
+    k, v = (torch.randn(1, 1, num_keys, 64).to(dtype) for _ in range(2))
+    positions = torch.arange(num_queries) + num_keys - num_queries
+    key_start = torch.where(positions >= num_keys // 2, num_keys // 2, 0).to(torch.int32)[None]
+    mask = AttentionMask(torch.tensor([num_keys - num_queries], dtype=torch.int32), None, key_start)
+    out, lse = attention_fwd(q, k, v, mask.q_offset, None, key_start, 0.125)
+    ref_out, ref_lse = reference.gqa_attention(q.double(), k.double(), v.double(), mask, 0.125)
+    _check(out, ref_out, "out", dtype)
+    _check(lse, ref_lse, "lse", dtype)
+
+
 @dataclass
 class Group:
     kernels: tuple[str, ...]
@@ -184,6 +203,7 @@ GROUPS = {
     "rope": Group(("_rope_kernel",), run_rope),
     "qkv_rope": Group(("_qkv_rope_kernel",), run_qkv_rope),
     "routing": Group(("_route_fwd_kernel", "_route_bwd_kernel"), run_routing),
+    "attention_fwd": Group(("_attention_fwd_kernel",), run_attention),
     "moe": Group(
         (
             "_moe_glu_up_fwd_kernel",

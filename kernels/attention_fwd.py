@@ -1,0 +1,390 @@
+"""GQA flash attention, forward: out = softmax(scale * q @ k.T, masked) @ v per query head, and its log-sum-exp.
+
+Shapes: q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D], any strides with a contiguous last dim (the transposed views
+transformers passes, a cache's views); query head h reads KV head h // (Hq // Hkv) where it lies (no repeated K/V).
+The mask is the compact AttentionMask of dbrx_fast/attention_mask.py, its rule kernels/attention_mask.py's: q_offset
+int32 [B], key_mask [B, Nk] (bool or its uint8 view) or None, key_start int32 [B, Nq] or None. Returns out
+[B, Nq, Hq, D] contiguous in q's dtype (what transformers' attention functions return) and lse float32 [B, Hq, Nq],
+the natural log of the softmax's denominator, for the backward. A query that sees no key gets out 0 and lse -inf.
+
+Algorithm (FlashAttention-2): one program per (query block, query head, batch row) keeps its BLOCK_M queries in
+registers and walks the key tiles the block may see (`key_range`: tiles past the causal diagonal or before the
+packed sequence are never loaded), with a running row max m, row sum l and an fp32 accumulator (online softmax). The
+softmax runs in base 2: scale * log2(e) folds into one multiply of the scores, exp2 is the SFU's native exponential.
+Tiles that every query of the block sees whole (`keys_all_see`) run without a mask; only the tiles on the causal
+diagonal and past Nk pay for `keys_allowed` (and every tile with a key_mask or key_start: padding can fall anywhere,
+and a separate loop for the tiles at a packing boundary spilled on sm_80). Programs are independent (no atomics):
+the result does not depend on their order.
+
+Bound: the tensor cores at long sequences (4 * Nq * Nk * D FLOPs per head, halved when causal, against
+(Nq + 2 * Nk) * D elements read), with one exp2 per score on the SFU beside every 2 * D multiply-adds; memory only
+for short sequences.
+
+Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
+matmul precision is "highest", in TF32 otherwise: `gemm_class`); float64 raises TypeError so that callers fall back.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_mask import key_range, keys_all_see, keys_allowed
+from .compile_spec import CompileSpec
+from .launch import launch
+from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
+
+HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+LOG2_E = math.log2(math.e)
+
+
+def _configs() -> dict[str, list]:
+    """Tiles per GEMM class (kernels/moe_tiles.py), the pinned one first.
+
+    16 bits: 128 queries per program over 8 warps (two warpgroups of 64 rows, as wgmma takes them) and key tiles of
+    64. Measured with ptxas (python -m dbrx_fast.inspect): 128 x 128 tiles spill at head_dim 128 (8 warps: sm_80 and
+    sm_90), as do 128 x 64 tiles on 4 warps and 64 x 64 tiles on 4 warps (sm_90, Triton 3.9); two stages wait for
+    every load in the loop. tf32 tiles take twice the shared memory of 16-bit
+    ones. fp32_dot multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage,
+    and 32 x 32 tiles, spill on sm_90).
+    """
+    return {
+        "16bit": [
+            config(8, 3, BLOCK_M=128, BLOCK_N=64),
+        ],
+        "tf32": [
+            config(8, 2, BLOCK_M=128, BLOCK_N=32),
+            config(4, 2, BLOCK_M=64, BLOCK_N=16),
+        ],
+        "fp32_dot": [
+            config(8, 2, BLOCK_M=32, BLOCK_N=16),
+        ],
+    }
+
+
+@triton.jit
+def _attend_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_head_ptr,
+    v_head_ptr,
+    stride_k_n,
+    stride_v_n,
+    start,
+    end,
+    offs_q,
+    q_valid,
+    q_offset,
+    num_keys,
+    key_mask_row,
+    key_start_row,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The online softmax over key tiles start, start + BLOCK_N, ... below `end` (start a multiple of BLOCK_N).
+
+    Unmasked tiles must lie inside [0, num_keys) and be seen whole by every query of the block. m_i is in base 2
+    (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0."""
+    # Tile offsets stay loop-invariant and the tile's first row moves as a scalar: a loop-carried tensor of 64-bit
+    # pointers would hold two registers per element (it spilled on sm_80).
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_offs = tl.arange(0, BLOCK_N)[:, None] * stride_k_n + offs_d[None, :]
+    v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_v_n + offs_d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        offs_k = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_head_ptr + tl.cast(n0, tl.int64) * stride_k_n + k_offs
+        v_ptrs = v_head_ptr + tl.cast(n0, tl.int64) * stride_v_n + v_offs
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), FP32_DOT)
+        if MASKED:
+            allowed = keys_allowed(
+                offs_q, q_valid, offs_k, q_offset, num_keys, key_mask_row, key_start_row, HAS_KEY_MASK, HAS_KEY_START
+            )
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_new
+        if MASKED:  # a row with no allowed key yet subtracts 0, so that exp2(-inf - m) is 0 and not NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# Lengths change every call: not specialized (on 1 or on divisibility by 16), so a new length reuses the compiled
+# kernel; their buckets only key the autotuner. The mask rows' strides are the lengths too.
+@triton.jit(
+    do_not_specialize=[
+        "num_queries",
+        "num_keys",
+        "q_bucket",
+        "k_bucket",
+        "stride_key_mask_b",
+        "stride_key_start_b",
+    ]
+)
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_offset_ptr,
+    key_mask_ptr,
+    key_start_ptr,
+    out_ptr,
+    lse_ptr,
+    num_queries,
+    num_keys,
+    q_bucket,  # autotune key only: next power of two of num_queries
+    k_bucket,  # autotune key only: next power of two of num_keys
+    num_q_heads,
+    group,
+    qk_scale,
+    stride_q_b,
+    stride_q_h,
+    stride_q_n,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_key_mask_b,
+    stride_key_start_b,
+    HEAD_DIM: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Queries pid_m*BLOCK_M ... of query head program_id(1) in batch row program_id(2); see the module docstring."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // group
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_q < num_queries
+    q_offset = tl.load(q_offset_ptr + batch)
+    key_mask_row = key_mask_ptr + batch * stride_key_mask_b
+    key_start_row = key_start_ptr + batch * stride_key_start_b
+
+    q_head_ptr = q_ptr + batch * stride_q_b + head.to(tl.int64) * stride_q_h
+    q = tl.load(q_head_ptr + offs_q[:, None] * stride_q_n + offs_d[None, :], mask=q_valid[:, None], other=0.0)
+    k_head_ptr = k_ptr + batch * stride_k_b + kv_head.to(tl.int64) * stride_k_h
+    v_head_ptr = v_ptr + batch * stride_v_b + kv_head.to(tl.int64) * stride_v_h
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lo, hi = key_range(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    # Two runs of tiles: unmasked (every query sees them whole), then masked (the causal diagonal and the ragged end).
+    # With padding or packing every tile is masked: padding can fall anywhere, and a third loop for the tiles before
+    # a packing boundary spilled on sm_80 (Triton 3.9).
+    mid_hi = lo
+    if not (HAS_KEY_MASK or HAS_KEY_START):
+        _, all_hi = keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
+        mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, lo)
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, offs_q, q_valid,
+            q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
+            False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, mid_hi, hi, offs_q, q_valid,
+        q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
+        True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+
+    seen = l_i > 0.0
+    out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]  # acc is 0 where no key was seen
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row_stride = num_q_heads * HEAD_DIM
+    out_ptrs = out_ptr + batch * num_queries * row_stride + offs_q[:, None] * row_stride + head * HEAD_DIM
+    tl.store(out_ptrs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_valid[:, None])
+    tl.store(lse_ptr + (batch * num_q_heads + head) * num_queries + offs_q, lse, mask=q_valid)
+
+
+# Keys: both length buckets and every constexpr a launch passes (each changes the code).
+_ATTENTION_FWD = autotuned_by_class(
+    _attention_fwd_kernel,
+    _configs(),
+    ["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT"],
+)
+
+
+def check_attention_args(q, k, v, q_offset, key_mask, key_start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raises, naming the argument, unless q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] share one supported dtype and
+    device with Hq a multiple of Hkv and D in HEAD_DIMS, and the mask tensors fit (see the module docstring).
+    Returns (q_offset, key_mask as uint8 or None, key_start), each with a contiguous last dim."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype == torch.float64:
+            raise TypeError(f"{name} is float64, which the attention kernels do not support; use the reference path")
+        if t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, length, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B, Hkv, Nk, D] with q's B = {batch} and "
+            f"D = {head_dim}"
+        )
+    if k.shape[1] == 0 or num_q_heads % k.shape[1]:
+        raise ValueError(f"q's {num_q_heads} heads must be a multiple of k and v's {k.shape[1]} heads")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported by the attention kernels; supported: {HEAD_DIMS}")
+    expected = {
+        "q_offset": (q_offset, (batch,), (torch.int32,)),
+        "key_mask": (key_mask, (batch, k.shape[2]), (torch.bool, torch.uint8)),
+        "key_start": (key_start, (batch, num_queries), (torch.int32,)),
+    }
+    for name, (t, shape, dtypes) in expected.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype not in dtypes or t.device != q.device):
+            raise ValueError(
+                f"{name}: {tuple(t.shape)} {t.dtype} on {t.device}, expected {shape} {dtypes[0]} on {q.device}"
+            )
+    if q_offset is None:
+        raise ValueError("q_offset is required (int32 [B]; Nk - Nq for plain causal attention)")
+    if key_mask is not None:
+        key_mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+    return tuple(t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q_offset, key_mask, key_start))
+
+
+@torch.library.triton_op("dbrx_fast::attention_fwd", mutates_args={})
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offset: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    key_start: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Nq, Hq, D] contiguous in q's dtype, lse float32 [B, Hq, Nq]); see the module docstring.
+
+    A q, k or v whose last dim is not contiguous is copied first; any other strides are read in place."""
+    q_offset, key_mask, key_start = check_attention_args(q, k, v, q_offset, key_mask, key_start)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    out = q.new_empty((batch, num_queries, num_q_heads, head_dim))
+    lse = q.new_empty((batch, num_q_heads, num_queries), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(num_queries, meta["BLOCK_M"]), num_q_heads, batch)
+
+    cls, fp32_dot = gemm_class(q.dtype)
+    # Absent mask tensors: q_offset stands in for the pointer, never read (its flag is off).
+    launch(
+        _ATTENTION_FWD[cls],
+        grid,
+        q,
+        k,
+        v,
+        q_offset,
+        q_offset.view(torch.uint8) if key_mask is None else key_mask,
+        q_offset if key_start is None else key_start,
+        out,
+        lse,
+        num_queries,
+        num_keys,
+        triton.next_power_of_2(num_queries),
+        triton.next_power_of_2(num_keys),
+        num_q_heads,
+        num_q_heads // k.shape[1],
+        scale * LOG2_E,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        0 if key_mask is None else key_mask.stride(0),
+        0 if key_start is None else key_start.stride(0),
+        HEAD_DIM=head_dim,
+        HAS_KEY_MASK=key_mask is not None,
+        HAS_KEY_START=key_start is not None,
+        FP32_DOT=fp32_dot,
+    )
+    return out, lse
+
+
+# DBRX's attention at a 4096-token prefill, in the layout the compile specs fix: q [B, 48, N, D] and k, v
+# [B, 8, N, D] contiguous. A launch specializes strides divisible by 16 (every one at these shapes), which proves the
+# rows 16-byte aligned so that tiles load as vectors; a CompileSpec cannot say "divisible by 16", so it fixes values.
+_SPEC_HEADS, _SPEC_KV_HEADS, _SPEC_LENGTH = 48, 8, 4096
+# What compile specs check besides the plain causal launch: padding and packing, with the pinned tiles.
+_MASK_VARIANTS = ({"HAS_KEY_MASK": True}, {"HAS_KEY_START": True}, {"HAS_KEY_MASK": True, "HAS_KEY_START": True})
+
+
+def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, variant: dict) -> CompileSpec:
+    ints = "num_queries num_keys q_bucket k_bucket stride_key_mask_b stride_key_start_b".split()
+    signature = {
+        **{f"{t}_ptr": f"*{dtype}" for t in ("q", "k", "v", "out")},
+        "q_offset_ptr": "*i32",
+        "key_mask_ptr": "*u8",
+        "key_start_ptr": "*i32",
+        "lse_ptr": "*fp32",
+        **dict.fromkeys(ints, "i32"),
+        "qk_scale": "fp32",
+    }
+    strides = {}
+    for t, heads in (("q", _SPEC_HEADS), ("k", _SPEC_KV_HEADS), ("v", _SPEC_KV_HEADS)):
+        strides |= {f"stride_{t}_b": heads * _SPEC_LENGTH * head_dim, f"stride_{t}_h": _SPEC_LENGTH * head_dim}
+        strides[f"stride_{t}_n"] = head_dim
+    constexprs = {
+        "num_q_heads": _SPEC_HEADS,
+        "group": _SPEC_HEADS // _SPEC_KV_HEADS,
+        **strides,
+        "HEAD_DIM": head_dim,
+        "HAS_KEY_MASK": False,
+        "HAS_KEY_START": False,
+        **variant,
+        "FP32_DOT": cls == "fp32_dot",
+        **cfg.kwargs,
+    }
+    flags = " ".join(f"{k}={v}" for k, v in variant.items())
+    return CompileSpec(
+        name=" ".join(filter(None, (label, dtype, cls, f"D={head_dim}", flags, describe(cfg)))),
+        kernel=_attention_fwd_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        matrix=cls != "fp32_dot",
+    )
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (GEMM class, dtype, head_dim 64 and 128, autotune config) of the causal launch at DBRX's shapes, and the
+    pinned config of each class (bf16 for 16 bits) with padding, packing and both at head_dim 128."""
+    specs = []
+    for cls, configs in _configs().items():
+        for dtype in GEMM_CLASS_DTYPES[cls]:
+            for head_dim in (64, 128):
+                specs += [_spec("attention_fwd", dtype, head_dim, cls, cfg, {}) for cfg in configs]
+        # The mask modes change the tile loops, not the dtype's code path: one dtype per class is checked in each.
+        dtype = GEMM_CLASS_DTYPES[cls][0]
+        specs += [_spec("attention_fwd", dtype, 128, cls, configs[0], variant) for variant in _MASK_VARIANTS]
+    return specs
