@@ -52,8 +52,8 @@ MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 # SMs counted without a GPU (the interpreter): several splits on small tests.
 _CPU_SMS = 64
-# Partials the combine kernel merges per step.
-_COMBINE_BLOCK_S = 16
+# Partials the combine kernel merges per step of its loop over a row's splits (at most MAX_SPLITS).
+_COMBINE_BLOCK_S = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _LOG2E = 1.4426950408889634
