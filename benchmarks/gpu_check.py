@@ -13,7 +13,9 @@ holds them), and for one call of at most 10 minutes. Stages, each run even when 
    compiler, one core a compile), capped at --tests-timeout seconds -> tests.log, junit.xml.
 3. bench: benchmarks/bench_moe.py at DBRX's widths (H 6144, F 10752, E 16, k 4), bf16, T = 1 ... 16384, forward and
    full, stock / torch_grouped / dbrx_fast, capped at --bench-timeout seconds -> bench.log, results/<device>/moe.jsonl
-   (rows are appended as each T finishes, so a run stopped at the cap keeps what it measured).
+   (rows are appended as each T finishes, so a run stopped at the cap keeps what it measured); then each of
+   MORE_BENCHES under its own cap (bench_decode: attention decode at 48/8 heads, D 128, N = 1k, 8k, 32k, B = 1, 8,
+   64, 60 s) -> bench.log, results/<device>/<subject>.jsonl.
 4. report.md (benchmarks/report.py over those results) and summary.txt (machine, versions, each stage's outcome,
    test counts and failures); summary and report are printed last.
 
@@ -22,9 +24,9 @@ T = 16384 full, is 78 TFLOP: ~0.15 s; decode steps read the 6.3 GB of expert wei
 6 sizes x 2 modes x 3 providers take ~1 min; most of the rest is dbrx_fast's first calls: compiling ~30 GEMM configs
 (bf16: 7 + 7 forward, ~16 backward; ~2-3 s each, once, as the row count is not specialized on) and
 autotuning each of 6 row-count buckets (~30 configs x ~0.2-0.5 s each). Estimate 3-5 minutes in all, under the 5.5
-minute cap. The stages' caps (180 + 330 s) and the set-up (~30 s) keep the whole run under 9 minutes.
+minute cap. The stages' caps (180 + 330 + 60 s) and the set-up (~30 s) keep the whole run under 10 minutes.
 
-Exits 0 only when every stage passed. Writes 7 files, within the 8 that a device call brings back.
+Exits 0 only when every stage passed. Writes 8 files, the 8 that a device call brings back.
 """
 
 import argparse
@@ -48,6 +50,25 @@ BENCH_MODES = ("forward", "full")
 # --dry-run: collect (not run) the GPU tier, and bench_moe's tiny CPU widths with the Triton provider interpreted.
 DRY_TESTS = ("--collect-only",)
 DRY_BENCH = ("--smoke", "--tokens", "3", "--modes", "forward", "--providers", "torch_grouped", "dbrx_fast")
+# Run after bench_moe in the bench stage, each under its own cap: (module, cap in seconds, arguments, --dry-run's).
+MORE_BENCHES = (
+    (
+        "benchmarks.bench_decode",
+        60,
+        (
+            "--contexts",
+            "1024",
+            "8192",
+            "32768",
+            "--providers",
+            "sdpa_gqa",
+            "flash_attn",
+            "dbrx_fast",
+            "dbrx_fast_static",
+        ),
+        ("--smoke", "--contexts", "17", "--batches", "1", "--providers", "sdpa_gqa", "dbrx_fast"),
+    ),
+)
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "numpy", "pytest", "pytest-xdist", "setuptools")
 # Run in the child that probes the environment: where dbrx_fast comes from, and the device.
 PROBE = """
@@ -282,6 +303,9 @@ def _run(args, check: Check) -> int:
             else:
                 bench += ["--tokens", *map(str, BENCH_TOKENS), "--modes", *BENCH_MODES]
             check.run("bench", python(*bench), out / "bench.log", args.bench_timeout)
+            for module, cap, full, dry in MORE_BENCHES:
+                more = ["-m", module, "--out", str(out / "results"), *(dry if args.dry_run else full)]
+                check.run(module.removeprefix("benchmarks."), python(*more), out / "bench.log", cap)
             with (out / "report.md").open("w") as f:
                 report = python("-m", "benchmarks.report", str(out / "results"), "--no-plots")
                 done = subprocess.run(report, stdout=f, stderr=subprocess.STDOUT, cwd=check.cwd, env=check.env)

@@ -42,9 +42,10 @@ from .launch import launch
 
 MAX_QUERIES = 8
 MAX_HEAD_DIM = 256
-# Rows of one M tile: tl.dot's minimum of 16 up to 64 (DBRX's 6 heads x Nq <= 8 tokens fit one tile); a larger group
-# (MQA with many heads) takes several row tiles, each reading its KV head again (from L2, mostly).
-MIN_BLOCK_M, MAX_BLOCK_M = 16, 64
+# Rows of one M tile: tl.dot's minimum of 16 up to 32 (DBRX's 6 heads x Nq <= 5 tokens fit one tile); more rows
+# (Nq > 5, or MQA with many heads) take several row tiles, each reading its KV head again (from L2, mostly). A
+# 64-row tile would need 8 warps to hold its fp32 scores and accumulator without spilling.
+MIN_BLOCK_M, MAX_BLOCK_M = 16, 32
 # Splits: enough programs for a few per SM, each with at least MIN_KEYS_PER_SPLIT keys of the cache to read (fewer
 # and the partials' combine costs more than the split saves), at most MAX_SPLITS partials per row.
 PROGRAMS_PER_SM = 2
@@ -59,27 +60,35 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 _LOG2E = 1.4426950408889634
 
 
-def _configs() -> list[triton.Config]:
-    # The first is the pinned one (interpreter, DBRX_FAST_AUTOTUNE=0). Several stages keep the next KV tiles' loads
-    # in flight while one is multiplied: the loop is all loads.
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-        for bn, nw, ns in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4))
-    ]
+def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Per class of input dtype; the first of each is the pinned one (interpreter, DBRX_FAST_AUTOTUNE=0). Several stages
+# keep the next KV tiles' loads in flight while one is multiplied: the loop is all loads. Every config fits sm_80's
+# shared memory and neither architecture's registers spill (checked for M tiles of 16 and 32 rows): fp32 tiles are
+# twice as large and their three-way TF32 products need more registers, so fp32 takes small tiles on 8 warps.
+CONFIGS = {
+    "16bit": [_config(64, 4, 3), _config(64, 4, 4), _config(128, 8, 3), _config(32, 4, 4)],
+    "fp32_dot": [_config(32, 8, 3)],
+}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32_dot" if dtype == torch.float32 else "16bit"
 
 
 @triton.jit
 def _dot(a, b, acc):
-    """acc + a @ b: 16-bit operands on the tensor cores, fp32 ones in full fp32 (decode is not bound by the MMA)."""
+    """acc + a @ b: 16-bit operands on the tensor cores; fp32 ones there too, split in three TF32 products, which
+    is about as accurate as fp32 ("ieee" multiplies with FMAs and spills at these tiles)."""
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
 
 
-# The key is every code-changing constexpr (BLOCK_M, HEAD_DIM, HAS_KEY_MASK) and the tensors' dtypes (triton adds
-# them). The per-call sizes are left out and not specialised on: Nk grows by one every DynamicCache step, splits
-# follow it, and q_offset changes at every step; retuning or recompiling per step would cost more than it saves.
-@autotune(_configs(), key=["BLOCK_M", "HEAD_DIM", "HAS_KEY_MASK", "KV_ALIGNED"])
+# The per-call sizes are not specialised on (nor in the autotune key): Nk grows by one every DynamicCache step and
+# the number of splits follows it; recompiling or retuning per step would cost more than it saves.
 @triton.jit(do_not_specialize=["num_queries", "num_keys", "num_splits"])
 def _attention_decode_split_kernel(
     q_ptr,
@@ -181,6 +190,13 @@ def _attention_decode_split_kernel(
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
     # The combine reads a partial output only where its lse is finite.
     tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=(row_valid & seen)[:, None])
+
+
+# One autotuner per dtype class, keyed on every code-changing constexpr (triton adds the tensors' dtypes).
+SPLIT_KERNELS = {
+    cls: autotune(configs, key=["BLOCK_M", "HEAD_DIM", "HAS_KEY_MASK", "KV_ALIGNED"])(_attention_decode_split_kernel)
+    for cls, configs in CONFIGS.items()
+}
 
 
 @triton.jit(do_not_specialize=["num_queries", "num_splits"])
@@ -309,7 +325,7 @@ def attention_decode(
     part_out = torch.empty((*part_lse.shape, head_dim), dtype=torch.float32, device=q.device)
     has_key_mask = key_mask is not None
     launch(
-        _attention_decode_split_kernel,
+        SPLIT_KERNELS[_dtype_class(q.dtype)],
         (splits, kv_heads * row_tiles, batch),
         q,
         k,
@@ -353,14 +369,14 @@ def attention_decode(
 
 
 def compile_specs() -> list[CompileSpec]:
-    """One spec per (dtype, head_dim 64 and 128, M tile 16 and 64, key mask or not, autotune config) of the split
+    """One spec per (dtype, head_dim 64 and 128, M tile 16 and 32, key mask or not, autotune config) of the split
     kernel, and the combine kernel per (dtype, head_dim)."""
     ints = (
         "num_queries num_keys group num_splits stride_q_b stride_q_h stride_q_n stride_k_b stride_k_h stride_k_n "
         "stride_v_b stride_v_h stride_v_n stride_key_mask_b"
     ).split()
     specs = []
-    for ty in _TRITON_DTYPE.values():
+    for dtype, ty in _TRITON_DTYPE.items():
         signature = {
             "q_ptr": f"*{ty}",
             "k_ptr": f"*{ty}",
@@ -382,7 +398,7 @@ def compile_specs() -> list[CompileSpec]:
         for head_dim in (64, 128):
             for rows in (MIN_BLOCK_M, MAX_BLOCK_M):
                 for has_key_mask in (False, True):
-                    for config in _configs():
+                    for config in CONFIGS[_dtype_class(dtype)]:
                         meta = {
                             "HEAD_DIM": head_dim,
                             "HAS_KEY_MASK": has_key_mask,
@@ -395,14 +411,14 @@ def compile_specs() -> list[CompileSpec]:
                                 name=f"attention_decode {ty} D={head_dim} BLOCK_M={rows} key_mask={has_key_mask} "
                                 f"BLOCK_N={config.kwargs['BLOCK_N']} num_warps={config.num_warps} "
                                 f"num_stages={config.num_stages}",
-                                kernel=_attention_decode_split_kernel.fn,
+                                kernel=_attention_decode_split_kernel,
                                 signature=signature,
                                 constexprs=meta,
                                 num_warps=config.num_warps,
                                 num_stages=config.num_stages,
-                                # wgmma needs 64 rows: a 16-row tile multiplies with mma.sync, which is enough for a
+                                # wgmma needs 64 rows: these tiles multiply with mma.sync, which is enough for a
                                 # kernel bound by its loads.
-                                matrix=rows >= 64,
+                                matrix=False,
                             )
                         )
             specs.append(

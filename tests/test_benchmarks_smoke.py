@@ -276,6 +276,7 @@ def test_gpu_check_goes_on_after_a_failure_and_exits_nonzero(tmp_path, monkeypat
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             f"open({str(grandchild)!r}, 'w').write(str(p.pid)); time.sleep(120)"
         ),
+        "benchmarks.bench_decode": "print('decode')",
         "benchmarks.report": "print('report')",
     }
     ran = []
@@ -289,7 +290,7 @@ def test_gpu_check_goes_on_after_a_failure_and_exits_nonzero(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "set_up", lambda check, **kw: check.record("setup", True, "stand-in", 0) and found)
     out = tmp_path / "out"
     assert gpu_check.main(["--out", str(out), "--bench-timeout", "5", "--workers", "0"]) == 1
-    assert ran == ["pytest", "benchmarks.bench_moe", "benchmarks.report"]
+    assert ran == ["pytest", "benchmarks.bench_moe", "benchmarks.bench_decode", "benchmarks.report"]
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("gpu-check: FAILED: tests, bench\n"), summary
     assert "stage tests: FAILED, exit 3" in summary and "stage bench: FAILED, stopped at its 5 s cap" in summary
