@@ -10,11 +10,12 @@ q's dtype; a query that sees no key gets 0.
 Decode reads the KV cache once and does ~2 FLOPs per byte read: it is bound by memory bandwidth, and by how many
 SMs take part in reading. So:
 1. `_attention_decode_split_kernel`, grid (splits, KV heads x row tiles, B): one program reads one chunk of one KV
-   head's keys and values, and serves every query of that head's group with it. The group's G query heads x Nq tokens
-   are the rows of one M tile (row r = g * Nq + i: head g, token i), padded to 16 rows, tl.dot's minimum: the KV tile
-   is loaded once for all of them. Scores and softmax in fp32 with exp2 (the scale is folded with log2(e)), online
-   over the chunk's BLOCK_N-key tiles. The program writes its normalised partial output (fp32) and partial
-   log2-sum-exp per row.
+   head's keys and values, and serves every query of that head's group with it. The group's G query heads x Nq
+   tokens are the rows of one M tile (row r = g * Nq + i: head g, token i), padded to 16 rows, tl.dot's minimum, and
+   at most 32 (more rows take more tiles): the KV tile is loaded once for all of them, into shared memory by
+   cp.async, several tiles ahead (num_stages), and multiplied with mma.sync (wgmma needs 64 rows; the MMA is not the
+   limit). Scores and softmax in fp32 with exp2 (the scale is folded with log2(e)), online over the chunk's tiles
+   of BLOCK_N keys. The program writes its normalised partial output (fp32) and partial log2-sum-exp per row.
    The causal bound hi = q_offset + Nq (and Nk) limits the keys read: the valid range [0, hi) is cut into `splits`
    equal chunks (whole BLOCK_N tiles) on the device, so with a StaticCache only the valid length is read and every
    live program gets a fair share of it; a program whose chunk starts at or past hi reads no key and writes
@@ -24,9 +25,9 @@ SMs take part in reading. So:
 The number of splits comes from static shapes only (B, Hkv, Nk and the SM count): no host sync, no data-dependent
 shape, so a StaticCache decode step can be captured in a CUDA graph and replayed with a new q_offset.
 
-Limits: fp16, bf16 or fp32 (fp32 multiplies in full fp32); head_dim a power of two from 16 to 256; Hq a multiple of
-Hkv; Nq <= 8. Keys masked off by key_mask are read (their values must be finite, as a cache's are); keys past the
-causal bound are not.
+Limits: fp16, bf16 or fp32 (fp32 multiplies as three TF32 products, about fp32's accuracy); head_dim a power of two
+from 16 to 256; Hq a multiple of Hkv; Nq <= 8. Keys masked off by key_mask are read (their values must be finite, as a
+cache's are); keys past the causal bound are not.
 """
 
 import functools
@@ -44,8 +45,10 @@ MAX_QUERIES = 8
 MAX_HEAD_DIM = 256
 # Rows of one M tile: tl.dot's minimum of 16 up to 32 (DBRX's 6 heads x Nq <= 5 tokens fit one tile); more rows
 # (Nq > 5, or MQA with many heads) take several row tiles, each reading its KV head again (from L2, mostly). A
-# 64-row tile would need 8 warps to hold its fp32 scores and accumulator without spilling.
+# 64-row tile would need 8 warps to hold its fp32 scores and accumulator without spilling; fp32 inputs, whose
+# three-way TF32 products need more registers, spill at 32 rows and take 16.
 MIN_BLOCK_M, MAX_BLOCK_M = 16, 32
+MAX_BLOCK_M_FP32 = 16
 # Splits: enough programs for a few per SM, each with at least MIN_KEYS_PER_SPLIT keys of the cache to read (fewer
 # and the partials' combine costs more than the split saves), at most MAX_SPLITS partials per row.
 PROGRAMS_PER_SM = 2
@@ -69,7 +72,7 @@ def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
 # shared memory and neither architecture's registers spill (checked for M tiles of 16 and 32 rows): fp32 tiles are
 # twice as large and their three-way TF32 products need more registers, so fp32 takes small tiles on 8 warps.
 CONFIGS = {
-    "16bit": [_config(64, 4, 3), _config(64, 4, 4), _config(128, 8, 3), _config(32, 4, 4)],
+    "16bit": [_config(64, 4, 3), _config(64, 4, 4), _config(128, 8, 3)],
     "fp32_dot": [_config(32, 8, 3)],
 }
 
@@ -245,9 +248,10 @@ def _sm_count(device: torch.device) -> int:
     return _CPU_SMS
 
 
-def block_m(group: int, num_queries: int) -> int:
+def block_m(group: int, num_queries: int, dtype: torch.dtype) -> int:
     """Rows of the M tile for a group of `group` query heads per KV head and `num_queries` tokens."""
-    return min(MAX_BLOCK_M, max(MIN_BLOCK_M, triton.next_power_of_2(group * num_queries)))
+    most = MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M
+    return min(most, max(MIN_BLOCK_M, triton.next_power_of_2(group * num_queries)))
 
 
 def num_splits(batch: int, kv_heads: int, row_tiles: int, num_keys: int, device: torch.device) -> int:
@@ -318,7 +322,7 @@ def attention_decode(
         return out
     if num_keys == 0:
         return out.zero_()
-    rows = block_m(group, num_queries)
+    rows = block_m(group, num_queries, q.dtype)
     row_tiles = triton.cdiv(group * num_queries, rows)
     splits = num_splits(batch, kv_heads, row_tiles, num_keys, q.device)
     part_lse = torch.empty((batch, n_heads_q, num_queries, splits), dtype=torch.float32, device=q.device)
@@ -369,8 +373,8 @@ def attention_decode(
 
 
 def compile_specs() -> list[CompileSpec]:
-    """One spec per (dtype, head_dim 64 and 128, M tile 16 and 32, key mask or not, autotune config) of the split
-    kernel, and the combine kernel per (dtype, head_dim)."""
+    """One spec per (dtype, head_dim 64 and 128, M tile of 16 rows and the dtype's largest, key mask or not,
+    autotune config) of the split kernel, and the combine kernel per (dtype, head_dim)."""
     ints = (
         "num_queries num_keys group num_splits stride_q_b stride_q_h stride_q_n stride_k_b stride_k_h stride_k_n "
         "stride_v_b stride_v_h stride_v_n stride_key_mask_b"
@@ -396,7 +400,7 @@ def compile_specs() -> list[CompileSpec]:
             "num_splits": "i32",
         }
         for head_dim in (64, 128):
-            for rows in (MIN_BLOCK_M, MAX_BLOCK_M):
+            for rows in sorted({MIN_BLOCK_M, block_m(MAX_BLOCK_M, 1, dtype)}):
                 for has_key_mask in (False, True):
                     for config in CONFIGS[_dtype_class(dtype)]:
                         meta = {

@@ -65,7 +65,10 @@ def test_several_splits_with_the_largest_scores_last(device):
     runs give the same bits."""
     batch, n_heads, kv_heads, num_queries, context, head_dim = CASES["ratio2-several-splits-nq3"]
     splits = decode_kernels.num_splits(batch, kv_heads, 1, context, device)
-    assert splits > decode_kernels._COMBINE_BLOCK_S and decode_kernels.block_m(n_heads // kv_heads, num_queries) == 16
+    assert (
+        splits > decode_kernels._COMBINE_BLOCK_S
+        and decode_kernels.block_m(n_heads // kv_heads, num_queries, torch.bfloat16) == 16
+    )
     q, k, v = make_qkv(batch, n_heads, kv_heads, num_queries, context, head_dim, torch.bfloat16, device)
     k[:, :, -100:] *= 3
     mask = AttentionMask.bottom_right(batch, num_queries, context, device)
