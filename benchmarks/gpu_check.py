@@ -14,7 +14,8 @@ holds them), and for one call of at most 10 minutes. Stages, each run even when 
 3. bench: benchmarks/bench_moe.py at DBRX's widths (H 6144, F 10752, E 16, k 4), bf16, T = 1 ... 16384, forward and
    full, stock / torch_grouped / dbrx_fast, capped at --bench-timeout seconds -> bench.log, results/<device>/moe.jsonl
    (rows are appended as each T finishes, so a run stopped at the cap keeps what it measured); then the benchmarks
-   of MORE_BENCHES, each its own stage with its own cap (bench_qkv: 45 s -> results/<device>/qkv.jsonl).
+   of MORE_BENCHES, each its own stage with its own cap (bench_attention 90 s, bench_qkv 45 s,
+   bench_decode 60 s) -> results/<device>/<subject>.jsonl.
 4. report.md (benchmarks/report.py over those results) and summary.txt (machine, versions, each stage's outcome,
    test counts and failures); summary and report are printed last.
 
@@ -64,6 +65,23 @@ MORE_BENCHES = (
         90,
     ),
     ("bench_qkv", "benchmarks.bench_qkv", (), ("--smoke", "--tokens", "3", "--modes", "forward"), 45),
+    (
+        "bench decode",
+        "benchmarks.bench_decode",
+        (
+            "--contexts",
+            "1024",
+            "8192",
+            "32768",
+            "--providers",
+            "sdpa_gqa",
+            "flash_attn",
+            "dbrx_fast",
+            "dbrx_fast_static",
+        ),
+        ("--smoke", "--contexts", "17", "--batches", "1", "--providers", "sdpa_gqa", "dbrx_fast"),
+        60,
+    ),
 )
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "numpy", "pytest", "pytest-xdist", "setuptools")
 # Run in the child that probes the environment: where dbrx_fast comes from, and the device.

@@ -11,6 +11,7 @@ KERNEL_MODULES = (
     "moe_input_grads",
     "moe_weight_grads",
     "attention_fwd",
+    "attention_decode",
 )
 
 

@@ -278,6 +278,7 @@ def test_gpu_check_goes_on_after_a_failure_and_exits_nonzero(tmp_path, monkeypat
         ),
         "benchmarks.bench_qkv": "print('qkv')",
         "benchmarks.bench_attention": "print('attention')",
+        "benchmarks.bench_decode": "print('decode')",
         "benchmarks.report": "print('report')",
     }
     ran = []
@@ -296,6 +297,7 @@ def test_gpu_check_goes_on_after_a_failure_and_exits_nonzero(tmp_path, monkeypat
         "benchmarks.bench_moe",
         "benchmarks.bench_attention",
         "benchmarks.bench_qkv",
+        "benchmarks.bench_decode",
         "benchmarks.report",
     ]
     summary = (out / "summary.txt").read_text()

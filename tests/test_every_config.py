@@ -28,6 +28,7 @@ from triton.runtime.autotuner import Autotuner
 import dbrx_fast.kernels
 from dbrx_fast import reference
 from dbrx_fast.attention_mask import AttentionMask
+from dbrx_fast.kernels.attention_decode import attention_decode
 from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.moe_routing import Routing
@@ -191,6 +192,21 @@ def run_attention(configs, dtype):
     _check(lse, ref_lse, "lse", dtype)
 
 
+def run_decode(configs, dtype):
+    """Decode (inference only): 3 tokens of two KV heads' groups of 3 query heads, over one tile of the largest
+    BLOCK_N plus a remainder, in two splits; one batch row left-padded."""
+    block = max(c.kwargs["BLOCK_N"] for c in configs)
+    batch, kv_heads, group, tokens, keys, dim = 2, 2, 3, 3, block + 5, 64
+    q = torch.randn(batch, kv_heads * group, tokens, dim).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, keys, dim).to(dtype) for _ in range(2))
+    key_mask = torch.ones(batch, keys, dtype=torch.bool)
+    key_mask[1, :7] = False
+    mask = AttentionMask(torch.full((batch,), keys - tokens, dtype=torch.int32), key_mask)
+    out = attention_decode(q, k, v, mask.q_offset, key_mask, dim**-0.5)
+    ref, _ = reference.gqa_attention(q.double(), k.double(), v.double(), mask, dim**-0.5)
+    _check(out, ref, "out", dtype)
+
+
 @dataclass
 class Group:
     kernels: tuple[str, ...]
@@ -215,6 +231,7 @@ GROUPS = {
         ),
         run_moe,
     ),
+    "decode": Group(("_attention_decode_split_kernel",), run_decode),
 }
 
 
