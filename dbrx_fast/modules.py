@@ -82,10 +82,12 @@ class FastRotaryEmbedding(DbrxRotaryEmbedding):
 
 
 class FastDbrxAttention(DbrxAttention):
-    """DBRX attention with the fused RoPE kernel; the attention core is the model's attention implementation.
+    """DBRX attention: on the triton backend the fused QKV kernel (clip, split, RoPE in fp32, one pass), in torch the
+    same steps eagerly; then the cache update and the attention core named by `config._attn_implementation` (after
+    `patch`, dbrx-fast's: attention_interface.py, which also holds the per-call fallbacks to transformers' attention).
 
-    Under autocast, q and k come from the autocast `Wqkv` in its dtype and are rotated in it; the attention core runs
-    under autocast as in stock."""
+    Under autocast, q, k and v come from the autocast `Wqkv` in its dtype and are rotated in it; the attention core
+    runs under autocast as in stock."""
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         cos, sin = position_embeddings
@@ -101,21 +103,20 @@ class FastDbrxAttention(DbrxAttention):
 
         input_shape = hidden_states.shape[:-1]
         qkv = self.Wqkv(hidden_states)
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        kv_width = self.num_key_value_heads * self.head_dim
-        q, k, v = (
-            t.view(*input_shape, -1, self.head_dim).transpose(1, 2)
-            for t in qkv.split([self.hidden_size, kv_width, kv_width], dim=-1)
-        )
-
-        with _autocast_off(q):
+        with _autocast_off(qkv):
             if path == "triton" and self.dbrx_fast_options.rope:
-                from .ops.rope import rope
+                from .ops.qkv import qkv_rope  # imported at first use: triton is only needed for this path
 
-                check_capturable("rope", q, q.shape[1], k.shape[1], self.head_dim)
-                q, k = rope(q, k, cos, sin)
+                check_capturable("qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim)
+                q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
             else:
+                if self.clip_qkv is not None:
+                    qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+                kv_width = self.num_key_value_heads * self.head_dim
+                q, k, v = (
+                    t.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+                    for t in qkv.split([self.hidden_size, kv_width, kv_width], dim=-1)
+                )
                 q, k = reference.rope(q, k, cos, sin)
 
         if cache is not None:
