@@ -101,20 +101,23 @@ def compact_causal_mask(
 def packed_key_start(position_ids: torch.Tensor, mask: AttentionMask, num_queries: int) -> torch.Tensor:
     """key_start int32 [B, Nq]: the key slot where query i's packed sequence starts.
 
-    A sequence starts at query i > 0 where position_ids[i] != position_ids[i - 1] + 1 (transformers' own packing rule),
-    unless key i is padding (generate gives padded tokens position 1, and a gap of padding inside a row must not cut
-    the row in two). Query 0 continues what the cache holds. All on the device, no host sync.
+    transformers' packing rule, position_ids[i] != position_ids[i - 1] + 1, taken over the tokens that are not padding:
+    generate gives padding position 1, and a gap of padding inside a row must not cut the row in two. The first token
+    of the chunk continues what the cache holds. All on the device, no host sync.
     """
     batch = mask.q_offset.shape[0]
     positions = position_ids.expand(batch, num_queries)
-    key_index = torch.arange(num_queries, device=positions.device, dtype=torch.int32)[None] + mask.q_offset[:, None]
-    starts = positions[:, 1:] != positions[:, :-1] + 1
-    if mask.key_mask is not None:
-        last_key = mask.key_mask.shape[1] - 1
-        starts = starts & mask.key_mask.gather(1, key_index[:, 1:].long().clamp(0, last_key))
-    start_index = torch.where(starts, key_index[:, 1:], 0)
-    start_index = torch.cat((torch.zeros_like(start_index[:, :1]), start_index), dim=1)
-    return start_index.cummax(dim=1).values
+    index = torch.arange(num_queries, device=positions.device)
+    key_index = index.to(torch.int32)[None] + mask.q_offset[:, None]
+    if mask.key_mask is None:
+        real = torch.ones_like(positions, dtype=torch.bool)
+    else:
+        real = mask.key_mask.gather(1, key_index.long().clamp(0, mask.key_mask.shape[1] - 1))
+    last_real = torch.where(real, index, -1).cummax(dim=1).values  # the last real token at or before i
+    previous = torch.cat((torch.full_like(last_real[:, :1], -1), last_real[:, :-1]), dim=1)
+    previous_position = positions.gather(1, previous.clamp(min=0))
+    starts = real & (previous >= 0) & (positions != previous_position + 1)
+    return torch.where(starts, key_index, 0).cummax(dim=1).values
 
 
 def attention_forward(
