@@ -170,11 +170,11 @@ def attention_forward(
     if num_queries <= DECODE_MAX_QUERIES and mask.key_start is None and not torch.is_grad_enabled():
         from .kernels.attention_decode import attention_decode  # imported at first use: triton only on this path
 
-        check_capturable("attention_decode", query, *query.shape[1:], key.shape[1])
+        check_capturable("attention_decode", query, *query.shape[1:], key.shape[1], mask.key_mask is None)
         return attention_decode(query, key, value, mask.q_offset, mask.key_mask, scale), None
     from .ops.attention import attention
 
-    check_capturable("attention", query, *query.shape[1:], key.shape[1])
+    check_capturable("attention", query, *query.shape[1:], key.shape[1], mask.key_mask is None, mask.key_start is None)
     return attention(query, key, value, mask, scale), None
 
 

@@ -107,7 +107,9 @@ class FastDbrxAttention(DbrxAttention):
             if path == "triton" and self.dbrx_fast_options.rope:
                 from .ops.qkv import qkv_rope  # imported at first use: triton is only needed for this path
 
-                check_capturable("qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim)
+                check_capturable(
+                    "qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim, self.clip_qkv is None
+                )
                 q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
             else:
                 if self.clip_qkv is not None:
