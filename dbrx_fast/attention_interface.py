@@ -138,7 +138,11 @@ def attention_forward(
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"attention: q, k and v must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
 
-    reason = _stock_reason(attention_mask, dropout, kwargs)
+    # As a forward argument or in the config (transformers' output capture reads either; only the first reaches here).
+    wants_weights = kwargs.get(
+        "output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)
+    )
+    reason = _stock_reason(attention_mask, dropout, wants_weights)
     path = "stock"
     if reason is None:
         options = getattr(module, "dbrx_fast_options", None)
@@ -149,7 +153,7 @@ def attention_forward(
         warn_once(f"attention: {reason}; using transformers' attention for these calls.")
         path = "stock"
     if path == "stock":
-        return _stock_attention(module, query, key, value, attention_mask, dropout, scale, kwargs)
+        return _stock_attention(module, query, key, value, attention_mask, dropout, scale, wants_weights, kwargs)
 
     attention_mask.check(batch, num_queries, num_keys, query.device)
     # A step of a few queries behind more keys is a decode step (the module does not pass the cache on): no packing.
@@ -178,9 +182,9 @@ def attention_forward(
     return attention(query, key, value, mask, scale), None
 
 
-def _stock_reason(attention_mask, dropout: float, kwargs: dict) -> str | None:
+def _stock_reason(attention_mask, dropout: float, wants_weights: bool) -> str | None:
     """Why this call must run transformers' attention instead (None: it need not)."""
-    if kwargs.get("output_attentions"):
+    if wants_weights:
         return "output_attentions=True (only the eager attention computes the weights)"
     if dropout > 0:
         return "attention dropout in training"
@@ -191,10 +195,10 @@ def _stock_reason(attention_mask, dropout: float, kwargs: dict) -> str | None:
     return None
 
 
-def _stock_attention(module, query, key, value, attention_mask, dropout, scale, kwargs):
+def _stock_attention(module, query, key, value, attention_mask, dropout, scale, wants_weights, kwargs):
     """transformers' eager function (for output_attentions=True, or a model that was eager before `patch`) or its sdpa
     function, with an AttentionMask turned into the dense mask each of them reads."""
-    eager = kwargs.get("output_attentions") or getattr(module, "dbrx_fast_stock_attention", None) == "eager"
+    eager = wants_weights or getattr(module, "dbrx_fast_stock_attention", None) == "eager"
     if isinstance(attention_mask, AttentionMask):
         attention_mask = attention_mask.dense(query.shape[2], key.shape[2])[:, None]
         if eager:  # eager adds its mask to the scores

@@ -132,16 +132,21 @@ def test_a_padding_gap_inside_a_row_is_not_a_sequence_boundary():
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("asked_in", ["forward", "config"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_output_attentions_falls_back_to_eager_with_one_warning(attn):
+def test_output_attentions_falls_back_to_eager_with_one_warning(attn, asked_in):
     patched, stock = models(attn, "torch", layers=2)
     ids, mask = left_padded_batch()
     stock.config._attn_implementation = "eager"  # the only one that computes the weights
+    for model in (patched, stock):
+        if asked_in == "config":  # set past transformers' setter, which refuses it for any attention but eager
+            model.config._output_attentions = True
+    kwargs = {"output_attentions": True} if asked_in == "forward" else {}
     with torch.no_grad(), pytest.warns(UserWarning, match="output_attentions") as record:
-        out = patched(ids, attention_mask=mask, output_attentions=True)
+        out = patched(ids, attention_mask=mask, **kwargs)
     assert len(record) == 1
     with torch.no_grad():
-        base = stock(ids, attention_mask=mask, output_attentions=True)
+        base = stock(ids, attention_mask=mask, **kwargs)
     assert len(out.attentions) == 2
     for ours, theirs in zip(out.attentions, base.attentions, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
