@@ -138,10 +138,9 @@ def attention_forward(
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"attention: q, k and v must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
 
-    # As a forward argument or in the config (transformers' output capture reads either; only the first reaches here).
-    wants_weights = kwargs.get(
-        "output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)
-    )
+    # As a forward argument or in the config: transformers' output capture reads either, only the first reaches here.
+    config_wants_weights = getattr(getattr(module, "config", None), "output_attentions", False)
+    wants_weights = kwargs.get("output_attentions", config_wants_weights)
     reason = _stock_reason(attention_mask, dropout, wants_weights)
     path = "stock"
     if reason is None:
