@@ -145,11 +145,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         vars(module).pop("dbrx_fast_rope_theta", None)
         vars(module).pop("dbrx_fast_stock_attention", None)
     # Restored only if still ours: an implementation the user chose after patching stays theirs.
-    if (
-        record.attn_implementations
-        and record.attn_implementations[0][0]._attn_implementation == attention_interface.NAME
-    ):
-        for config, implementation in record.attn_implementations:
+    saved = record.attn_implementations
+    if saved and saved[0][0]._attn_implementation == attention_interface.NAME:
+        for config, implementation in saved:
             config._attn_implementation_internal = implementation  # past the setter, which would recurse
     if record.rotary_inv_freq is not None:
         rotary, inv_freq, original_inv_freq = record.rotary_inv_freq
