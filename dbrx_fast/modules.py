@@ -15,6 +15,7 @@ in its input's dtype); RoPE and the routing softmax are elementwise / reductions
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 from transformers.models.dbrx.modeling_dbrx import (
     ALL_ATTENTION_FUNCTIONS,
     DbrxAttention,
@@ -107,10 +108,27 @@ class FastDbrxAttention(DbrxAttention):
             if path == "triton" and self.dbrx_fast_options.rope:
                 from .ops.qkv import qkv_rope  # imported at first use: triton is only needed for this path
 
+                layer = _static_layer(cache, self.layer_idx, qkv)
                 check_capturable(
                     "qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim, self.clip_qkv is None
                 )
-                q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
+                if layer is None:
+                    q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
+                else:  # k and v straight into the StaticCache, as StaticLayer.update would put them, without its copy
+                    rows = layer.cumulative_length + torch.arange(qkv.shape[1], device=qkv.device)
+                    q, k, v = qkv_rope(
+                        qkv,
+                        cos,
+                        sin,
+                        self.clip_qkv,
+                        self.num_heads,
+                        self.num_key_value_heads,
+                        k_cache=layer.keys,
+                        v_cache=layer.values,
+                        cache_position=rows,
+                    )
+                    layer.cumulative_length.add_(qkv.shape[1])
+                    cache = None  # updated
             else:
                 if self.clip_qkv is not None:
                     qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
@@ -139,6 +157,22 @@ class FastDbrxAttention(DbrxAttention):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.out_proj(attn_output), attn_weights
+
+
+def _static_layer(cache, layer_idx: int, qkv: torch.Tensor) -> StaticLayer | None:
+    """The StaticCache layer the QKV kernel can write k and v into directly: a plain StaticLayer, already allocated
+    (the first update allocates it), on qkv's device and in its dtype, of a cache that does not offload, in a no-grad
+    call; else None, and `cache.update` runs. Rows past `max_cache_len` are not written (the kernel does not check
+    on the host: that would sync), where StaticLayer.update raises an IndexError on the CPU."""
+    layers = getattr(cache, "layers", None)
+    if torch.is_grad_enabled() or getattr(cache, "offloading", False) or not layers or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    if layer.keys.device != qkv.device or layer.keys.dtype != qkv.dtype or layer.values.dtype != qkv.dtype:
+        return None
+    return layer
 
 
 class FastDbrxFFN(DbrxFFN):
