@@ -49,9 +49,9 @@ class Spy:
     def __init__(self, monkeypatch, module, name):
         self.calls, inner = [], getattr(module, name)
 
-        def spy(*args):
-            self.calls.append(args)
-            return inner(*args)
+        def spy(*args, **kwargs):
+            self.calls.append(args + tuple(kwargs.values()))
+            return inner(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
 
@@ -70,12 +70,14 @@ def test_greedy_generate_on_a_left_padded_batch_matches_stock(attn, cache):
 
 @pytest.mark.interpreter
 def test_triton_static_cache_generate_matches_stock_and_decode_reads_the_cache_storage(monkeypatch):
-    """Prefill through ops.attention, then every step through attention_decode with the StaticCache's whole storage
-    and q_offset = the tokens cached so far (the kernel reads only that far): no dense mask, no slicing on the host."""
+    """Prefill through ops.attention, then every step's k and v written by the QKV kernel straight into the
+    StaticCache, and attention_decode on the cache's whole storage with q_offset = the tokens cached so far (the
+    kernel reads only that far): no dense mask, no slicing or copy on the host."""
     from dbrx_fast.kernels import attention_decode
-    from dbrx_fast.ops import attention
+    from dbrx_fast.ops import attention, qkv
 
     prefill, decode = Spy(monkeypatch, attention, "attention"), Spy(monkeypatch, attention_decode, "attention_decode")
+    qkv_calls = Spy(monkeypatch, qkv, "qkv_rope")
     patched, stock = models("sdpa", "triton")
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -88,11 +90,11 @@ def test_triton_static_cache_generate_matches_stock_and_decode_reads_the_cache_s
     for step, (q, k, _, q_offset, key_mask, _) in enumerate(decode.calls):
         assert q.shape[2] == 1 and k.shape[2] == max_cache_len
         assert q_offset.tolist() == [ids.shape[1] + step] * 2
-        assert (
-            key_mask.shape == (2, max_cache_len)
-            and not key_mask[0, :4].any()
-            and key_mask[0, 4 : q_offset[0] + 1].all()
-        )
+        assert key_mask.shape == (2, max_cache_len) and not key_mask[0, :4].any()
+        assert key_mask[0, 4 : q_offset[0] + 1].all()
+    # The prefill allocates the cache (StaticLayer.update); each decode step writes into it (k_cache, v_cache, rows).
+    assert [len(call) for call in qkv_calls.calls] == [6, 9, 9, 9]
+    assert all(call[6] is k for call, (_, k, *_) in zip(qkv_calls.calls[1:], decode.calls, strict=True))
 
 
 def packed_batch():
