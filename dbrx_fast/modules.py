@@ -15,6 +15,7 @@ in its input's dtype); RoPE and the routing softmax are elementwise / reductions
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 from transformers.models.dbrx.modeling_dbrx import (
     ALL_ATTENTION_FUNCTIONS,
     DbrxAttention,
@@ -82,10 +83,12 @@ class FastRotaryEmbedding(DbrxRotaryEmbedding):
 
 
 class FastDbrxAttention(DbrxAttention):
-    """DBRX attention with the fused RoPE kernel; the attention core is the model's attention implementation.
+    """DBRX attention: on the triton backend the fused QKV kernel (clip, split, RoPE in fp32, one pass), in torch the
+    same steps eagerly; then the cache update and the attention core named by `config._attn_implementation` (after
+    `patch`, dbrx-fast's: attention_interface.py, which also holds the per-call fallbacks to transformers' attention).
 
-    Under autocast, q and k come from the autocast `Wqkv` in its dtype and are rotated in it; the attention core runs
-    under autocast as in stock."""
+    Under autocast, q, k and v come from the autocast `Wqkv` in its dtype and are rotated in it; the attention core
+    runs under autocast as in stock."""
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         cos, sin = position_embeddings
@@ -101,21 +104,39 @@ class FastDbrxAttention(DbrxAttention):
 
         input_shape = hidden_states.shape[:-1]
         qkv = self.Wqkv(hidden_states)
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        kv_width = self.num_key_value_heads * self.head_dim
-        q, k, v = (
-            t.view(*input_shape, -1, self.head_dim).transpose(1, 2)
-            for t in qkv.split([self.hidden_size, kv_width, kv_width], dim=-1)
-        )
-
-        with _autocast_off(q):
+        with _autocast_off(qkv):
             if path == "triton" and self.dbrx_fast_options.rope:
-                from .ops.rope import rope
+                from .ops.qkv import qkv_rope  # imported at first use: triton is only needed for this path
 
-                check_capturable("rope", q, q.shape[1], k.shape[1], self.head_dim)
-                q, k = rope(q, k, cos, sin)
+                layer = _static_layer(cache, self.layer_idx, qkv)
+                check_capturable(
+                    "qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim, self.clip_qkv is None
+                )
+                if layer is None:
+                    q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
+                else:  # k and v straight into the StaticCache, as StaticLayer.update would put them, without its copy
+                    rows = layer.cumulative_length + torch.arange(qkv.shape[1], device=qkv.device)
+                    q, k, v = qkv_rope(
+                        qkv,
+                        cos,
+                        sin,
+                        self.clip_qkv,
+                        self.num_heads,
+                        self.num_key_value_heads,
+                        k_cache=layer.keys,
+                        v_cache=layer.values,
+                        cache_position=rows,
+                    )
+                    layer.cumulative_length.add_(qkv.shape[1])
+                    cache = None  # updated
             else:
+                if self.clip_qkv is not None:
+                    qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+                kv_width = self.num_key_value_heads * self.head_dim
+                q, k, v = (
+                    t.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+                    for t in qkv.split([self.hidden_size, kv_width, kv_width], dim=-1)
+                )
                 q, k = reference.rope(q, k, cos, sin)
 
         if cache is not None:
@@ -136,6 +157,22 @@ class FastDbrxAttention(DbrxAttention):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.out_proj(attn_output), attn_weights
+
+
+def _static_layer(cache, layer_idx: int, qkv: torch.Tensor) -> StaticLayer | None:
+    """The StaticCache layer the QKV kernel can write k and v into directly: a plain StaticLayer, already allocated
+    (the first update allocates it), on qkv's device and in its dtype, of a cache that does not offload, in a no-grad
+    call; else None, and `cache.update` runs. Rows past `max_cache_len` are not written (the kernel does not check
+    on the host: that would sync), where StaticLayer.update raises an IndexError on the CPU."""
+    layers = getattr(cache, "layers", None)
+    if torch.is_grad_enabled() or getattr(cache, "offloading", False) or not layers or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    if layer.keys.device != qkv.device or layer.keys.dtype != qkv.dtype or layer.values.dtype != qkv.dtype:
+        return None
+    return layer
 
 
 class FastDbrxFFN(DbrxFFN):

@@ -1,8 +1,11 @@
 """patch / unpatch / is_patched: swap dbrx-fast's modules into one DbrxForCausalLM or DbrxModel instance, in place.
 
 Only the classes of this instance's submodules change (never a class in transformers for everyone), so every
-Parameter object, buffer, hook and state_dict key stays as it was. Everything is checked and planned before anything
-is changed: a patch that raises leaves the model untouched. `unpatch` restores the recorded classes and buffers.
+Parameter object, buffer, hook and state_dict key stays as it was; with the attention patched, the model's config also
+names dbrx-fast's attention (`config._attn_implementation`, attention_interface.NAME, registered with transformers on
+the first patch: adding a name changes nothing for other models). Everything is checked and planned before anything
+is changed: a patch that raises leaves the model untouched. `unpatch` restores the recorded classes, buffers and
+attention implementation.
 """
 
 import math
@@ -24,6 +27,7 @@ from transformers.models.dbrx.modeling_dbrx import (
     DbrxRotaryEmbedding,
 )
 
+from . import attention_interface
 from .backend import BACKENDS, resolve
 from .modules import FastDbrxAttention, FastDbrxExperts, FastDbrxFFN, FastLayerNorm, FastRotaryEmbedding
 
@@ -48,6 +52,7 @@ class _PatchRecord:
     options: PatchOptions
     swapped: list  # (module, its original class)
     rotary_inv_freq: tuple | None  # (rotary module, inv_freq, original_inv_freq) before the rope_theta fix
+    attn_implementations: list  # (config, its _attn_implementation_internal) for the config and its sub-configs
 
 
 def patch(
@@ -62,9 +67,10 @@ def patch(
 ) -> nn.Module:
     """Swap dbrx-fast's modules into `model` (a DbrxForCausalLM or DbrxModel) in place and return it.
 
-    attention: patch the attention modules (fused qkv clip and split, RoPE in fp32); the attention core stays the
-        model's `attn_implementation` until dbrx-fast's attention kernels land.
-    rope: inside the patched attention, rotate q and k with the Triton RoPE kernel (else in eager fp32).
+    attention: patch the attention modules (fused clip, split and RoPE in fp32) and make dbrx-fast's attention the
+        model's attention implementation (`config._attn_implementation`; unpatch restores the previous value).
+    rope: inside the patched attention, on the triton backend, run the fused QKV kernel (clip, split, RoPE in one
+        pass; else the clip and split in torch and RoPE in eager fp32).
     moe: fused routing and grouped GLU experts in place of the stock loop over experts (the FFN and its experts
         module are both swapped; the FFN calls `ffn.experts`, so hooks and FSDP2 on it work).
     norm: the bias-free LayerNorms (norm_1, norm_2, norm_f).
@@ -114,7 +120,17 @@ def patch(
         module.dbrx_fast_options = options
     if type(rotary) is FastRotaryEmbedding:
         rotary.dbrx_fast_rope_theta = rope_theta
-    setattr(model, _RECORD, _PatchRecord(options, swapped, saved_inv_freq))
+    saved_implementations = []
+    attentions = [m for m, _ in swaps if isinstance(m, FastDbrxAttention)]
+    if attentions:
+        attention_interface.register()
+        config = decoder.config
+        stock_attention = config._attn_implementation
+        saved_implementations = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
+        config._attn_implementation = attention_interface.NAME  # the setter also sets it on the sub-configs
+        for attn in attentions:
+            attn.dbrx_fast_stock_attention = stock_attention  # what its fallbacks run (attention_interface)
+    setattr(model, _RECORD, _PatchRecord(options, swapped, saved_inv_freq, saved_implementations))
     return model
 
 
@@ -127,6 +143,12 @@ def unpatch(model: nn.Module) -> nn.Module:
         _set_class(module, original_class)
         del module.dbrx_fast_options
         vars(module).pop("dbrx_fast_rope_theta", None)
+        vars(module).pop("dbrx_fast_stock_attention", None)
+    # Restored only if still ours: an implementation the user chose after patching stays theirs.
+    saved = record.attn_implementations
+    if saved and saved[0][0]._attn_implementation == attention_interface.NAME:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation  # past the setter, which would recurse
     if record.rotary_inv_freq is not None:
         rotary, inv_freq, original_inv_freq = record.rotary_inv_freq
         device = rotary.inv_freq.device  # the model may have moved since it was patched
@@ -137,6 +159,12 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     return _RECORD in vars(model)
+
+
+def _config_tree(config) -> list:
+    """The config and, recursively, its sub-configs: the ones the `_attn_implementation` setter changes."""
+    subconfigs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+    return [config, *(c for sub in subconfigs if sub is not None for c in _config_tree(sub))]
 
 
 def _set_class(module: nn.Module, cls: type) -> None:

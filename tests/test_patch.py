@@ -90,6 +90,30 @@ def test_patch_is_idempotent_and_unpatch_restores_exactly():
     assert dbrx_fast.unpatch(model) is model  # unpatching an unpatched model is a no-op
 
 
+@pytest.mark.parametrize("before", ["eager", "sdpa", None])
+def test_patch_makes_ours_the_attention_implementation_and_unpatch_restores_it_exactly(before):
+    model = tiny_model()
+    config = model.config
+    config._attn_implementation = before  # the setter sets the sub-configs too
+    config.attn_config._attn_implementation_internal = "its own"  # unpatch restores each value, not the setter's
+    configs = (config, config.attn_config, config.ffn_config)
+    saved = [c._attn_implementation_internal for c in configs]
+    ids = torch.randint(0, 97, (2, 7))
+    stock_logits = model(ids).logits if before else None
+    attentions = [b.norm_attn_norm.attn for b in model.transformer.blocks]
+
+    dbrx_fast.patch(model, backend="torch", attention=False)
+    assert [c._attn_implementation_internal for c in configs] == saved  # attention stock: the config too
+    dbrx_fast.patch(model, backend="torch")
+    assert all(c._attn_implementation == "dbrx_fast" for c in configs)
+    assert all(a.dbrx_fast_stock_attention == before for a in attentions)  # what the fallbacks run
+    dbrx_fast.unpatch(model)
+    assert [c._attn_implementation_internal for c in configs] == saved
+    assert not any(hasattr(a, "dbrx_fast_stock_attention") for a in attentions)
+    if before:
+        assert torch.equal(model(ids).logits, stock_logits)
+
+
 def test_patching_with_other_options_repatches():
     model = tiny_model()
     dbrx_fast.patch(model, backend="torch")
