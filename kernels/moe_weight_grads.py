@@ -45,7 +45,9 @@ from .moe_checks import (
 from .moe_tiles import autotuned_by_class, config, dot, expert_rows, gemm_class, gemm_specs, grouped_tile
 
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
-# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory.
+# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_F sets the F
+# width of a group of programs (see _wgrad_tile): 1536 columns for dw2 and 1024 for dw1/dv1, which stream two
+# [rows, BLOCK_F] operands; the widths that minimise the bytes benchmarks/cost_model.py counts at DBRX's shapes.
 
 
 def _down_wgrad_configs() -> dict[str, list]:
@@ -53,20 +55,20 @@ def _down_wgrad_configs() -> dict[str, list]:
     with BLOCK_F = 128 step 16 rows: with 32 they spill on sm_80 with Triton 3.6."""
     return {
         "16bit": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_F=8),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
+            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
+            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_F=12),
         ],
         "tf32": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64, GROUP_F=8),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=8),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64, GROUP_F=24),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
+            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=12),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=24),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
         ],
     }
 
@@ -78,18 +80,18 @@ def _up_wgrad_configs() -> dict[str, list]:
         "16bit": [
             config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64, GROUP_F=8),
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
             config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=8),
         ],
         "tf32": [
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
+            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=8),
-            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
+            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=16),
+            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16, GROUP_F=32),
         ],
     }
 
