@@ -138,17 +138,17 @@ def _glu_bwd_half(
     up = tl.load(up_ptr + local * stride_up_p + cols * stride_up_f, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    h = silu * up
-    row_sum = tl.sum(h * dh_raw, axis=1)
+    row_sum = tl.sum(silu * up * dh_raw, axis=1)
     dh = dh_raw * weight
     out_offs = local * ffn + cols
-    if STORE_H:
-        # Rounded once to the activations' dtype, as the forward rounds h, so that dw2's dot takes it as it is.
-        tl.store(hw_ptr + out_offs, (h * weight).to(hw_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + out_offs, (dh * silu).to(dup_ptr.dtype.element_ty), mask=mask)
     # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
     dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(dgate_ptr + out_offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        # Last, when gate and dh are dead (earlier it spills on sm_80 with Triton 3.6). Rounded once to the
+        # activations' dtype, as the forward rounds h, so that dw2's dot takes it as it is.
+        tl.store(hw_ptr + out_offs, (silu * up * weight).to(hw_ptr.dtype.element_ty), mask=mask)
     return row_sum
 
 
