@@ -167,6 +167,14 @@ def _m_tiles(shape: Shape, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(experts, dtype=torch.int64), torch.tensor(rows, dtype=torch.int64)
 
 
+def _grouped_tile(pid: torch.Tensor, num_pid_m: int, num_pid_n: int, group_m: int):
+    """`grouped_tile` (kernels/moe_tiles.py), vectorized: (pid_m, pid_n) of each program id."""
+    in_group = group_m * num_pid_n
+    first_m = (pid // in_group) * group_m
+    size_m = torch.clamp(num_pid_m - first_m, max=group_m)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
 def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, blocks_per_sm, block_n=None):
     """(a moved, b moved, in_flight, tiles) of a `grouped_tile` launch over the sorted rows: M = rows, N = n,
     K = depth, acc_count fp32 accumulators.
@@ -179,13 +187,7 @@ def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, bl
     tile_expert, tile_rows = _m_tiles(shape, bm)
     num_pid_m = num_m_tiles_upper_bound(shape.rows, shape.experts, bm)
     num_pid_n = -(-n // bn)
-    # grouped_tile (kernels/moe_tiles.py), vectorized.
-    pid = torch.arange(num_pid_m * num_pid_n, dtype=torch.int64)
-    in_group = group_m * num_pid_n
-    first_m = (pid // in_group) * group_m
-    size_m = torch.clamp(num_pid_m - first_m, max=group_m)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m, pid_n = _grouped_tile(torch.arange(num_pid_m * num_pid_n, dtype=torch.int64), num_pid_m, num_pid_n, group_m)
     real = pid_m < tile_expert.numel()
     pid_m, pid_n = pid_m[real], pid_n[real]
     stage = (bm * a_tensors + bn * b_tensors) * bk * size
@@ -198,14 +200,17 @@ def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, bl
     return a_moved, b_moved, in_flight, f"{_describe(cfg)}, {num_pid_m}x{num_pid_n} tiles"
 
 
-def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, stage_bytes, blocks_per_sm):
-    """(a moved, b moved, in_flight, tiles) of a weight-gradient launch, grid (F-tiles, H-tiles, E) with F fastest:
-    each program walks its expert's rows, reading an [rows_e, BLOCK_F] tile of each of a_tensors [T*k, F] operands
+def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, blocks_per_sm):
+    """(a moved, b moved, in_flight, tiles) of a weight-gradient launch, ordered as `_wgrad_tile`
+    (kernels/moe_weight_grads.py) orders it: experts slowest, then groups of GROUP_F F-tiles sweeping the H-tiles.
+    Each program walks its expert's rows, reading an [rows_e, BLOCK_F] tile of each of a_tensors [T*k, F] operands
     and an [rows_e, BLOCK_H] tile of the gathered [T, H] one."""
-    bf, bh = cfg.kwargs["BLOCK_F"], cfg.kwargs["BLOCK_H"]
+    bf, bh, bm = cfg.kwargs["BLOCK_F"], cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_M"]
     nf, nh = -(-shape.ffn // bf), -(-shape.hidden // bh)
     pid = torch.arange(nf * nh * shape.experts, dtype=torch.int64)
-    f, h, e = pid % nf, (pid // nf) % nh, pid // (nf * nh)
+    f, h = _grouped_tile(pid % (nf * nh), nf, nh, cfg.kwargs["GROUP_F"])
+    e = pid // (nf * nh)
+    stage_bytes = (a_tensors * bf + bh) * bm * shape.itemsize
     counts = torch.tensor(shape.counts(), dtype=torch.int64)
     live = counts[e] > 0
     f, h, e = f[live], h[live], e[live]
@@ -285,7 +290,7 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
             "w2": (used * f * h * s, w_moved),
             "gate, up": (2 * r * f * s,) * 2,
             "routing": (r * 4 + meta,) * 2,
-            "dgate, dup": (2 * r * f * s,) * 2,
+            "dgate, dup, hw": (3 * r * f * s,) * 2,
             "dweights partials": (partials,) * 2,
         },
         tiles,
@@ -309,8 +314,7 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
     )
     combine = KernelCost("moe_combine (dx)", 0.0, 0.0, {"dx_slot (fp32)": (r * h * 4.0,) * 2, "dx": (t * h * s,) * 2})
     cfg = _pinned(moe_weight_grads._UP_WGRAD, shape.dtype)
-    stage = (2 * cfg.kwargs["BLOCK_F"] + cfg.kwargs["BLOCK_H"]) * cfg.kwargs["BLOCK_M"] * s
-    d_moved, x_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 2, 2, stage, blocks_per_sm)
+    d_moved, x_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 2, 2, blocks_per_sm)
     up_wgrad = KernelCost(
         "moe_up_wgrad",
         2 * 2.0 * r * f * h,
@@ -325,14 +329,13 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
         flight,
     )
     cfg = _pinned(moe_weight_grads._DOWN_WGRAD, shape.dtype)
-    stage = (2 * cfg.kwargs["BLOCK_F"] + cfg.kwargs["BLOCK_H"]) * cfg.kwargs["BLOCK_M"] * s
-    g_moved, dout_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 2, 1, stage, blocks_per_sm)
+    hw_moved, dout_moved, flight, tiles = _expert_grid(shape, gpu, cfg, 1, 1, blocks_per_sm)
     down_wgrad = KernelCost(
         "moe_down_wgrad",
         2.0 * r * f * h,
-        2.0 * r * f * -(-h // cfg.kwargs["BLOCK_H"]),  # silu(gate) * up recomputed for every H-tile
+        0.0,  # hw comes from moe_down_bwd's epilogue
         {
-            "gate, up": (2 * r * f * s, g_moved),
+            "hw": (r * f * s, hw_moved),
             "dout": (t * h * s, dout_moved),
             "routing": (r * 4 + meta,) * 2,
             "dw2": (e * f * h * s,) * 2,

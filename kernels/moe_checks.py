@@ -111,7 +111,7 @@ def check_down_grad_inputs(
     expert_offsets: torch.Tensor,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """The arguments both down-projection backward launchers take: dout [T, H] like gate, gate and up [T*k, F],
+    """The arguments of `moe_down_bwd`: dout [T, H] like gate, gate and up [T*k, F],
     weights [T, k] and the dispatch metadata. Returns (sorted_slots, expert_offsets, E, T*k, H)."""
     check_top_k(top_k)
     check_preact(gate, up)

@@ -11,7 +11,8 @@ Two grouped GEMMs over the sorted rows, each with a fused prologue or epilogue:
 1. `moe_down_bwd`: dh'[p] = dout[t] @ w2_e.T, gathering the dout rows inside the GEMM. The epilogue recomputes
    h = silu(gate) * up and writes rowsum(h * dh') of its F-tile to a [F-tiles, T*k] float32 buffer, which a second
    kernel sums in tile order into dweights (no atomics). With dh = weights.flat[s] * dh' it stores
-   dgate = dh * up * silu'(gate) and dup = dh * silu(gate).
+   dgate = dh * up * silu'(gate) and dup = dh * silu(gate), and (store_h) hw = weights.flat[s] * h, so that dw2
+   (kernels/moe_weight_grads.py) is a plain GEMM instead of recomputing h once per H-tile.
 2. `moe_up_dgrad`: dx_slot[s] = dgate[p] @ w1_e + dup[p] @ v1_e (two dots into one fp32 accumulator), stored per slot
    in float32; the forward's `moe_combine` then sums each token's k slots in slot order and rounds once.
 
@@ -23,7 +24,8 @@ bounds.
 Limits: fp16, bf16 and fp32, every floating tensor in one dtype (the routing weights and dweights are float32); fp32
 multiplies in full fp32 unless torch.set_float32_matmul_precision allows TF32; float64 raises TypeError so that
 callers fall back to torch. Scratch memory: dx_slot, float32 [T*k, H] (3.2 GB at 32768 tokens, k = 4, H = 6144, like
-the forward's y), and the dweights partials, float32 [cdiv(F, 128), T*k].
+the forward's y), the dweights partials, float32 [cdiv(F, 128), T*k], and with store_h hw [T*k, F] in the
+activations' dtype (as large as the saved gate; freed once dw2 is computed).
 """
 
 import torch
@@ -116,6 +118,7 @@ def _glu_bwd_half(
     up_ptr,
     dgate_ptr,
     dup_ptr,
+    hw_ptr,
     local,
     cols,
     row_mask,
@@ -124,10 +127,12 @@ def _glu_bwd_half(
     stride_gate_f,
     stride_up_p,
     stride_up_f,
+    STORE_H: tl.constexpr,
 ):
     """GLU backward of one column block: stores dgate = dh * up * silu'(gate) and dup = dh * silu(gate) with
-    dh = weight * dh_raw, and returns the row sums of h * dh_raw. The pointers point at the tile's first row; local
-    [BLOCK_M, 1] and cols [1, BLOCK] index within it. Masked rows and columns load zeros, so they add nothing."""
+    dh = weight * dh_raw, with STORE_H also hw = weight * h (h = silu(gate) * up, what dw2 needs), and returns the
+    row sums of h * dh_raw. The pointers point at the tile's first row; local [BLOCK_M, 1] and cols [1, BLOCK] index
+    within it. Masked rows and columns load zeros, so they add nothing."""
     mask = row_mask[:, None] & (cols < ffn)
     gate = tl.load(gate_ptr + local * stride_gate_p + cols * stride_gate_f, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + local * stride_up_p + cols * stride_up_f, mask=mask, other=0.0).to(tl.float32)
@@ -140,6 +145,10 @@ def _glu_bwd_half(
     # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
     dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(dgate_ptr + out_offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        # Last, when gate and dh are dead (earlier it spills on sm_80 with Triton 3.6). Rounded once to the
+        # activations' dtype, as the forward rounds h, so that dw2's dot takes it as it is.
+        tl.store(hw_ptr + out_offs, (silu * up * weight).to(hw_ptr.dtype.element_ty), mask=mask)
     return row_sum
 
 
@@ -154,6 +163,7 @@ def _moe_down_bwd_kernel(
     expert_offsets_ptr,
     dgate_ptr,
     dup_ptr,
+    hw_ptr,
     partial_ptr,
     num_rows,
     rows_bucket,  # autotune key only: next power of two of num_rows, so a new length does not re-tune
@@ -171,14 +181,16 @@ def _moe_down_bwd_kernel(
     stride_weights_t,
     stride_weights_k,
     NUM_EXPERTS: tl.constexpr,
+    STORE_H: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dgate, dup [num_rows, ffn] (contiguous, sorted order) and partial[pid_n, s] = sum over the F-tile of h * dh'
-    (contiguous float32 [cdiv(ffn, BLOCK_N), num_rows], slot order) for the sorted rows p of expert e."""
+    """dgate, dup and with STORE_H hw [num_rows, ffn] (contiguous, sorted order) and partial[pid_n, s] = sum over the
+    F-tile of h * dh' (contiguous float32 [cdiv(ffn, BLOCK_N), num_rows], slot order) for the sorted rows p of
+    expert e."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
@@ -216,6 +228,7 @@ def _moe_down_bwd_kernel(
     up_ptr += base * stride_up_p
     dgate_ptr += base * ffn
     dup_ptr += base * ffn
+    hw_ptr += base * ffn
     local = tl.arange(0, BLOCK_M)[:, None]
     # The epilogue runs on the two column halves of the tile in turn, so that it holds half as many fp32 values a
     # thread (a 128x128 tile is 64 registers a thread at 8 warps, and the GLU backward needs three such tiles).
@@ -228,6 +241,7 @@ def _moe_down_bwd_kernel(
         up_ptr,
         dgate_ptr,
         dup_ptr,
+        hw_ptr,
         local,
         half,
         row_mask,
@@ -236,6 +250,7 @@ def _moe_down_bwd_kernel(
         stride_gate_f,
         stride_up_p,
         stride_up_f,
+        STORE_H,
     )
     row_sum += _glu_bwd_half(
         acc_hi,
@@ -244,6 +259,7 @@ def _moe_down_bwd_kernel(
         up_ptr,
         dgate_ptr,
         dup_ptr,
+        hw_ptr,
         local,
         half + BLOCK_N // 2,
         row_mask,
@@ -252,6 +268,7 @@ def _moe_down_bwd_kernel(
         stride_gate_f,
         stride_up_p,
         stride_up_f,
+        STORE_H,
     )
     tl.store(partial_ptr + pid_n.to(tl.int64) * num_rows + slots, row_sum, mask=row_mask)
 
@@ -334,7 +351,7 @@ def _moe_up_dgrad_kernel(
 
 # Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
 _DOWN_BWD = autotuned_by_class(
-    _moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+    _moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "STORE_H", "FP32_DOT"]
 )
 _UP_DGRAD = autotuned_by_class(
     _moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
@@ -351,8 +368,12 @@ def moe_down_bwd(
     sorted_slots: torch.Tensor,
     expert_offsets: torch.Tensor,
     top_k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgate, dup, dweights): dgate, dup [T*k, F] in sorted order and gate's dtype, dweights [T, k] float32.
+    store_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgate, dup, dweights, hw): dgate, dup [T*k, F] in sorted order and gate's dtype, dweights [T, k] float32, and
+    with store_h hw = weights.flat[s] * silu(gate) * up [T*k, F] in sorted order and gate's dtype, rounded once, the
+    operand `moe_down_wgrad` takes (else hw is [0, F]). hw is transient: as large as gate, and freed once dw2 is
+    computed.
 
     dout [T, H]; gate, up [T*k, F] saved by the forward; w2 [E*F, H]; weights [T, k] float32.
     """
@@ -364,11 +385,12 @@ def moe_down_bwd(
 
     dgate = gate.new_empty((num_rows, ffn))
     dup = gate.new_empty((num_rows, ffn))
+    hw = gate.new_empty((num_rows if store_h else 0, ffn))
     num_partials = triton.cdiv(ffn, _DOWN_BWD_BLOCK_N)
     partial = gate.new_empty((num_partials, num_rows), dtype=torch.float32)
     dweights = gate.new_empty((dout.shape[0], top_k), dtype=torch.float32)
     if num_rows == 0 or ffn == 0:
-        return dgate, dup, dweights.zero_()
+        return dgate, dup, dweights.zero_(), hw
 
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * num_partials,)
@@ -386,6 +408,7 @@ def moe_down_bwd(
         expert_offsets,
         dgate,
         dup,
+        hw if store_h else dgate,  # not written without STORE_H
         partial,
         num_rows,
         triton.next_power_of_2(num_rows),
@@ -403,6 +426,7 @@ def moe_down_bwd(
         weights.stride(0),
         weights.stride(1),
         NUM_EXPERTS=num_experts,
+        STORE_H=store_h,
         FP32_DOT=fp32_dot,
         BLOCK_N=_DOWN_BWD_BLOCK_N,
     )
@@ -417,7 +441,7 @@ def moe_down_bwd(
         BLOCK=_SUM_PARTIALS_BLOCK,
         num_warps=4,
     )
-    return dgate, dup, dweights
+    return dgate, dup, dweights, hw
 
 
 @torch.library.triton_op("dbrx_fast::moe_up_dgrad", mutates_args={})
@@ -494,6 +518,7 @@ def compile_specs() -> list[CompileSpec]:
         _down_bwd_configs(),
         ("weights_ptr", "partial_ptr"),
         fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
+        variants=({"STORE_H": True}, {"STORE_H": False}),
     )
     specs += gemm_specs("moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",))
     name = f"moe_sum_partials fp32 BLOCK={_SUM_PARTIALS_BLOCK}"

@@ -1,18 +1,27 @@
 """Grouped GLU expert GEMMs, backward, weight gradients: dw2, dw1 and dv1 of
 out[t] = sum_j weights[t, j] * (silu(x[t] @ w1_e.T) * (x[t] @ v1_e.T)) @ w2_e.
 
-Shapes and layouts as in kernels/moe_input_grads.py: x [T, H]; weights [T, k] float32; the routing metadata; gate and
-up [T*k, F] saved by the forward, in sorted order; dgate and dup [T*k, F] from `moe_down_bwd`; dout [T, H]. The
-gradients are [E*F, H] in Hugging Face's native layout, contiguous.
+Shapes and layouts as in kernels/moe_input_grads.py: x [T, H]; the routing metadata; hw, dgate and dup [T*k, F] from
+`moe_down_bwd`, in sorted order (hw = weights.flat[s] * silu(gate) * up); dout [T, H]. The gradients are [E*F, H] in
+Hugging Face's native layout, contiguous.
 
-1. `moe_down_wgrad`: dw2_e = sum over the expert's rows of h[p]^T (weights.flat[s] * dout[t]), h recomputed from the
-   saved gate and up.
+1. `moe_down_wgrad`: dw2_e = sum over the expert's rows of hw[p]^T dout[t]: a plain GEMM over stored operands (h is
+   computed once, in `moe_down_bwd`'s epilogue, not once per H-tile).
 2. `moe_up_wgrad`: dw1_e = sum_p dgate[p]^T x[t], dv1_e = sum_p dup[p]^T x[t], two accumulators sharing the gathered
    x rows.
 
-One program per (F-tile, H-tile, expert) walks the expert's rows in order (their range read on the device: no host
+One program per (expert, F-tile, H-tile) walks the expert's rows in order (their range read on the device: no host
 synchronisation), so each sum is deterministic and an empty expert writes zeros. Every row range and slot read from the
 routing metadata is clamped or masked, so corrupt metadata gives undefined gradients but no access out of bounds.
+
+Grid order (`_wgrad_tile`): experts slowest, and within an expert groups of GROUP_F F-tiles sweep the H-tiles, so the
+programs in flight (one to two waves of the SMs) cover a block of GROUP_F F-tiles by many H-tiles: each [rows, BLOCK_F]
+slab of hw (or dgate/dup) is streamed from DRAM about cdiv(H-tiles, H-tiles per wave) times instead of once per H-tile,
+and each gathered [rows, BLOCK_H] slab of dout (or x) about F-tiles / GROUP_F times (benchmarks/cost_model.py counts
+both). Main loop: the next chunk's token ids are loaded one iteration ahead into registers, so the gathered loads'
+addresses come from a loop-carried value and the software pipeliner keeps num_stages - 1 chunks of both operands in
+flight (an in-loop index load made it wait for all copies every iteration). Bound: tensor-core FLOPs at DBRX widths
+and T = 16384, DRAM bytes at small T.
 
 Limits: fp16, bf16 and fp32, every floating tensor in one dtype (the routing weights are float32); fp32 multiplies in
 full fp32 unless torch.set_float32_matmul_precision allows TF32; float64 raises TypeError so that callers fall back
@@ -26,7 +35,6 @@ import triton.language as tl
 from .compile_spec import CompileSpec
 from .launch import launch
 from .moe_checks import (
-    check_down_grad_inputs,
     check_float,
     check_matrix,
     check_num_experts,
@@ -34,31 +42,34 @@ from .moe_checks import (
     check_routing,
     check_top_k,
 )
-from .moe_tiles import autotuned_by_class, chunk_rows, config, dot, expert_rows, gemm_class, gemm_specs
+from .moe_tiles import autotuned_by_class, config, dot, expert_rows, gemm_class, gemm_specs, grouped_tile
 
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
-# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory.
+# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_F sets the F
+# width of a group of programs (see _wgrad_tile): 1536 columns for dw2 and 1024 for dw1/dv1, which stream two
+# [rows, BLOCK_F] operands; the widths that minimise the bytes benchmarks/cost_model.py counts at DBRX's shapes.
 
 
 def _down_wgrad_configs() -> dict[str, list]:
     """dw2 tiles (output [BLOCK_F, BLOCK_H], K = the expert's rows in steps of BLOCK_M). In 16 bits the 4-warp tiles
-    with BLOCK_F = 128 step 16 rows: with 32 they spill on sm_80 with Triton 3.6."""
+    with BLOCK_F = 128 step 16 rows: with 32 they spilled on sm_80 with Triton 3.6 (measured when the kernel still
+    recomputed h). fp32_dot steps 16 rows: 64x128 with 32 spills on sm_80."""
     return {
         "16bit": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
-            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
-            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
+            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
+            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_F=12),
         ],
         "tf32": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
-            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64, GROUP_F=24),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
+            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=12),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16),
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=24),
+            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=24),
         ],
     }
 
@@ -68,30 +79,70 @@ def _up_wgrad_configs() -> dict[str, list]:
     16 bits and 16 in tf32: twice that spills on sm_80 with Triton 3.6."""
     return {
         "16bit": [
-            config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64),
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
-            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32),
+            config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64, GROUP_F=8),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
+            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=8),
         ],
         "tf32": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16),
-            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
+            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16),
-            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16),
-            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
+            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=16),
+            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16, GROUP_F=32),
         ],
     }
 
 
+@triton.jit
+def _wgrad_tile(ffn, hidden, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_F: tl.constexpr):
+    """(expert, F columns, H columns, their masks) of this program. Experts are the slowest axis; within one, groups
+    of GROUP_F F-tiles sweep the H-tiles together (`grouped_tile`), so the programs in flight cover a block of
+    GROUP_F F-tiles by many H-tiles and share both operands' tiles through L2."""
+    num_f = tl.cdiv(ffn, BLOCK_F)
+    per_expert = num_f * tl.cdiv(hidden, BLOCK_H)
+    pid = tl.program_id(0)
+    pid_f, pid_h = grouped_tile(pid % per_expert, num_f, tl.cdiv(hidden, BLOCK_H), GROUP_F)
+    fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    return pid // per_expert, fs, hs, fs < ffn, hs < hidden
+
+
+@triton.jit
+def _rows_t(ptr, p0, row_end, fs, f_mask, stride_p, stride_f, BLOCK_M: tl.constexpr):
+    """Rows p0:p0+BLOCK_M of a [T*k, F] operand in sorted order, transposed: a [BLOCK_F, BLOCK_M] tile. Its mask
+    depends on the loop index only (not on the slots), so the pipeliner can issue it stages ahead; a row with a bad
+    slot meets a zero gathered row. An int64 offset to the first row, int32 offsets within the chunk."""
+    local = tl.arange(0, BLOCK_M)[None, :]
+    mask = f_mask[:, None] & (p0 + local < row_end)
+    offs = tl.cast(p0, tl.int64) * stride_p + (local * stride_p + fs[:, None] * stride_f)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _chunk_tokens(p0, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M: tl.constexpr):
+    """Token ids (int64) of rows p0:p0+BLOCK_M of an expert and the mask of real rows with a valid slot."""
+    rows = p0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    row_mask &= (slots >= 0) & (slots < num_rows)
+    return (slots // top_k).to(tl.int64), row_mask
+
+
+@triton.jit
+def _gathered(ptr, tokens, row_mask, hs, h_mask, stride_t, stride_h):
+    """The [BLOCK_M, BLOCK_H] tile of the chunk's token rows of a [T, H] operand; masked rows are zero."""
+    mask = row_mask[:, None] & h_mask[None, :]
+    return tl.load(ptr + tokens[:, None] * stride_t + hs[None, :] * stride_h, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_down_wgrad_kernel(
-    gate_ptr,
-    up_ptr,
+    h_ptr,
     dout_ptr,
-    weights_ptr,
     sorted_slots_ptr,
     expert_offsets_ptr,
     dw2_ptr,
@@ -100,52 +151,27 @@ def _moe_down_wgrad_kernel(
     hidden,
     ffn,
     top_k,
-    stride_gate_p,
-    stride_gate_f,
-    stride_up_p,
-    stride_up_f,
+    stride_h_r,
+    stride_h_f,
     stride_dout_t,
     stride_dout_h,
-    stride_weights_t,
-    stride_weights_k,
     FP32_DOT: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP_F: tl.constexpr,
 ):
-    """dw2[e*F + f, n] = sum_p h[p, f] * weights.flat[s] * dout[t, n] over expert e's sorted rows p, in row order.
-
-    dw2 is contiguous [E*ffn, hidden]."""
-    fs = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    expert = tl.program_id(2)
-    f_mask = fs < ffn
-    h_mask = hs < hidden
+    """dw2[e*F + f, n] = sum_p hw[p, f] * dout[t, n] over expert e's sorted rows p, in row order, where
+    hw = weights.flat[s] * h is `moe_down_bwd`'s. dw2 is contiguous [E*ffn, hidden]."""
+    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
     acc = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
+    tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
-        slots, tokens, row_mask = chunk_rows(p0, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        # (weights.flat[s] * h[p]).T as a [BLOCK_F, BLOCK_M] tile, recomputed from the saved gate and up. The
-        # routing weight goes on h so that the dout rows feed the dot straight from memory. The chunk's rows are
-        # consecutive: an int64 offset to its first row, int32 offsets within it.
-        local = tl.arange(0, BLOCK_M)[None, :]
-        t_mask = f_mask[:, None] & row_mask[None, :]
-        first = tl.cast(p0, tl.int64)
-        gate_ptrs = gate_ptr + first * stride_gate_p + (local * stride_gate_p + fs[:, None] * stride_gate_f)
-        up_ptrs = up_ptr + first * stride_up_p + (local * stride_up_p + fs[:, None] * stride_up_f)
-        gate = tl.load(gate_ptrs, mask=t_mask, other=0.0).to(tl.float32)
-        # other=0: a masked row's weight must not turn its zero h into NaN.
-        weight = tl.load(
-            weights_ptr + tokens * stride_weights_t + (slots % top_k) * stride_weights_k, mask=row_mask, other=0.0
-        )
-        h_t = gate * tl.sigmoid(gate) * tl.load(up_ptrs, mask=t_mask, other=0.0).to(tl.float32) * weight[None, :]
-        dout = tl.load(
-            dout_ptr + tokens[:, None] * stride_dout_t + hs[None, :] * stride_dout_h,
-            mask=row_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
-        # Rounded to the activations' dtype (the forward rounded h likewise) so that the dot runs on tensor cores.
-        acc = dot(h_t.to(dout.dtype), dout, acc, FP32_DOT)
+        dout = _gathered(dout_ptr, tokens, row_mask, hs, h_mask, stride_dout_t, stride_dout_h)
+        tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+        hw_t = _rows_t(h_ptr, p0, row_end, fs, f_mask, stride_h_r, stride_h_f, BLOCK_M)
+        acc = dot(hw_t, dout, acc, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     tl.store(dw2_ptr + out_offs, acc.to(dw2_ptr.dtype.element_ty), mask=f_mask[:, None] & h_mask[None, :])
 
@@ -174,34 +200,21 @@ def _moe_up_wgrad_kernel(
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUP_F: tl.constexpr,
 ):
     """dw1[e*F + f, n] = sum_p dgate[p, f] * x[t, n] and dv1 likewise with dup, over expert e's sorted rows p in
     row order. dw1 and dv1 are contiguous [E*ffn, hidden]."""
-    fs = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    expert = tl.program_id(2)
-    f_mask = fs < ffn
-    h_mask = hs < hidden
+    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
     acc_w1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     acc_v1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
+    tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
-        slots, tokens, row_mask = chunk_rows(p0, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        # dgate.T and dup.T as [BLOCK_F, BLOCK_M] tiles (the chunk's rows are consecutive: an int64 offset to its
-        # first row, int32 offsets within it), and the x rows of the chunk's tokens.
-        local = tl.arange(0, BLOCK_M)[None, :]
-        t_mask = f_mask[:, None] & row_mask[None, :]
-        first = tl.cast(p0, tl.int64)
-        dgate_ptrs = dgate_ptr + first * stride_dgate_p
-        dgate_t = tl.load(dgate_ptrs + local * stride_dgate_p + fs[:, None] * stride_dgate_f, mask=t_mask, other=0.0)
-        dup_ptrs = dup_ptr + first * stride_dup_p
-        dup_t = tl.load(dup_ptrs + local * stride_dup_p + fs[:, None] * stride_dup_f, mask=t_mask, other=0.0)
-        x_tile = tl.load(
-            x_ptr + tokens[:, None] * stride_x_t + hs[None, :] * stride_x_h,
-            mask=row_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        )
+        x_tile = _gathered(x_ptr, tokens, row_mask, hs, h_mask, stride_x_t, stride_x_h)
+        tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+        dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
         acc_w1 = dot(dgate_t, x_tile, acc_w1, FP32_DOT)
+        dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
         acc_v1 = dot(dup_t, x_tile, acc_v1, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     out_mask = f_mask[:, None] & h_mask[None, :]
@@ -216,40 +229,46 @@ _DOWN_WGRAD = autotuned_by_class(
 _UP_WGRAD = autotuned_by_class(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"])
 
 
+def _grid(num_experts: int, ffn: int, hidden: int):
+    """One program per (expert, F-tile, H-tile), ordered by `_wgrad_tile`."""
+
+    def grid(meta):
+        return (num_experts * triton.cdiv(ffn, meta["BLOCK_F"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)
+
+    return grid
+
+
 @torch.library.triton_op("dbrx_fast::moe_down_wgrad", mutates_args={})
 def moe_down_wgrad(
-    gate: torch.Tensor,
-    up: torch.Tensor,
+    hw: torch.Tensor,
     dout: torch.Tensor,
-    weights: torch.Tensor,
     sorted_slots: torch.Tensor,
     expert_offsets: torch.Tensor,
     top_k: int,
     num_experts: int,
 ) -> torch.Tensor:
-    """dw2 [E*F, H] in gate's dtype: dw2_e = sum over expert e's sorted rows p of h[p]^T (weights.flat[s] * dout[t]),
-    with h = silu(gate) * up. An expert with no rows gets zeros."""
-    sorted_slots, expert_offsets, _, num_rows, hidden = check_down_grad_inputs(
-        dout, gate, up, weights, sorted_slots, expert_offsets, top_k
-    )
+    """dw2 [E*F, H] in hw's dtype: dw2_e = sum over expert e's sorted rows p of hw[p]^T dout[t], t = sorted_slots[p]
+    // k. hw [T*k, F] is `moe_down_bwd`'s weights.flat[s] * silu(gate) * up; dout [T, H]. An expert with no rows gets
+    zeros."""
+    check_top_k(top_k)
+    check_float("hw", hw)
+    check_float("dout", dout, hw, "hw")
+    if dout.dim() != 2 or hw.dim() != 2:
+        raise ValueError(f"dout must be [T, H] and hw [T*k, F], got shapes {tuple(dout.shape)}, {tuple(hw.shape)}")
+    num_rows, hidden, ffn = dout.shape[0] * top_k, dout.shape[1], hw.shape[1]
+    check_matrix("hw", hw, (num_rows, ffn), "[T*k, F]")
+    sorted_slots, expert_offsets, _ = check_routing(sorted_slots, expert_offsets, top_k, num_rows, hw.device)
     check_num_experts(expert_offsets, num_experts)
-    ffn = gate.shape[1]
 
-    dw2 = gate.new_empty((num_experts * ffn, hidden))
+    dw2 = hw.new_empty((num_experts * ffn, hidden))
     if dw2.numel() == 0:
         return dw2
-
-    def grid(meta):
-        return (triton.cdiv(ffn, meta["BLOCK_F"]), triton.cdiv(hidden, meta["BLOCK_H"]), num_experts)
-
-    cls, fp32_dot = gemm_class(gate.dtype)
+    cls, fp32_dot = gemm_class(hw.dtype)
     launch(
         _DOWN_WGRAD[cls],
-        grid,
-        gate,
-        up,
+        _grid(num_experts, ffn, hidden),
+        hw,
         dout,
-        weights,
         sorted_slots,
         expert_offsets,
         dw2,
@@ -258,14 +277,10 @@ def moe_down_wgrad(
         hidden,
         ffn,
         top_k,
-        gate.stride(0),
-        gate.stride(1),
-        up.stride(0),
-        up.stride(1),
+        hw.stride(0),
+        hw.stride(1),
         dout.stride(0),
         dout.stride(1),
-        weights.stride(0),
-        weights.stride(1),
         FP32_DOT=fp32_dot,
     )
     return dw2
@@ -298,13 +313,10 @@ def moe_up_wgrad(
     if dw1.numel() == 0:
         return dw1, dv1
 
-    def grid(meta):
-        return (triton.cdiv(ffn, meta["BLOCK_F"]), triton.cdiv(hidden, meta["BLOCK_H"]), num_experts)
-
     cls, fp32_dot = gemm_class(x.dtype)
     launch(
         _UP_WGRAD[cls],
-        grid,
+        _grid(num_experts, ffn, hidden),
         dgate,
         dup,
         x,
@@ -331,5 +343,5 @@ def moe_up_wgrad(
 def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, autotune config) the weight-gradient kernels launch with, at DBRX's shapes (see
     `launch_args` in moe_tiles.py)."""
-    specs = gemm_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs(), ("weights_ptr",))
+    specs = gemm_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs())
     return specs + gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs())

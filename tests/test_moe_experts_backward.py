@@ -25,6 +25,7 @@ from dbrx_fast.kernels import moe_weight_grads as weight_grads
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_input_grads import moe_down_bwd, moe_up_dgrad
+from dbrx_fast.kernels.moe_tiles import config
 from dbrx_fast.kernels.moe_weight_grads import moe_down_wgrad, moe_up_wgrad
 
 pytestmark = pytest.mark.interpreter
@@ -111,6 +112,12 @@ def _down_grads(p: Problem, dtype: torch.dtype):
     return torch.autograd.grad(out, leaves, p.dout.to(dtype))
 
 
+def _hw(p: Problem, dtype: torch.dtype) -> torch.Tensor:
+    """hw [T*k, F] in sorted order, computed in `dtype`: weights.flat[s] * silu(gate[p]) * up[p]."""
+    gate, up = p.gate.to(dtype), p.up.to(dtype)
+    return F.silu(gate) * up * p.weights.to(dtype).reshape(-1)[p.sorted_slots.long()][:, None]
+
+
 def _up_grads(p: Problem, dgate: torch.Tensor, dup: torch.Tensor, dtype: torch.dtype):
     """(dx, dw1, dv1) by autograd of the up chain, in `dtype`, for the given dgate and dup."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (p.x, p.w1, p.v1)]
@@ -122,22 +129,36 @@ def _up_grads(p: Problem, dgate: torch.Tensor, dup: torch.Tensor, dtype: torch.d
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_down_bwd(case, dtype, device):
     p = _problem(case, dtype, device)
-    dgate, dup, dweights = moe_down_bwd(
+    dgate, dup, dweights, hw = moe_down_bwd(
         p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k
     )
     ref = _down_grads(p, torch.float64)
     base = _down_grads(p, dtype)
-    assert dgate.dtype == dup.dtype == dtype and dweights.dtype == torch.float32
+    assert dgate.dtype == dup.dtype == hw.dtype == dtype and dweights.dtype == torch.float32
     assert_accurate(dgate, ref[0], base[0])
     assert_accurate(dup, ref[1], base[1])
     assert_accurate(dweights, ref[3], base[3])
+    assert_accurate(hw, _hw(p, torch.float64), _hw(p, dtype))
+
+
+def test_down_bwd_without_h(device):
+    """store_h=False writes no hw (an empty [0, F]) and the same dgate, dup and dweights bit for bit."""
+    p = _problem(BY_NAME["T37_E4_k2"], torch.bfloat16, device)
+    args = (p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k)
+    *without, hw = moe_down_bwd(*args, store_h=False)
+    *with_h, _ = moe_down_bwd(*args)
+    assert hw.shape == (0, p.gate.shape[1])
+    for a, b in zip(without, with_h, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_down_wgrad(case, dtype, device):
     p = _problem(case, dtype, device)
-    dw2 = moe_down_wgrad(p.gate, p.up, p.dout, p.weights, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
+    # hw as moe_down_bwd stores it: computed in fp32, rounded once to the dtype.
+    hw = _hw(p, torch.float32).to(dtype)
+    dw2 = moe_down_wgrad(hw, p.dout, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
     ref = _down_grads(p, torch.float64)
     assert dw2.dtype == dtype
     assert_accurate(dw2, ref[2], _down_grads(p, dtype)[2])
@@ -169,6 +190,23 @@ def test_up_wgrad(case, dtype, device):
     _assert_empty_experts_zero(dv1, p)
 
 
+def test_wgrad_grid_covers_every_tile(device):
+    """Tiles small enough for 5 F-tiles by 4 H-tiles per expert, so that GROUP_F = 2 leaves a partial last group:
+    every output tile is computed once, in place (a tile written twice or never fails). The pinned tiles cover
+    GROUP_F past the F-tiles."""
+    p = _problem(Case("grid", 24, 2, 1, hidden=112, ffn=144), torch.bfloat16, device)
+    cfg = config(4, 2, BLOCK_F=32, BLOCK_H=32, BLOCK_M=16, GROUP_F=2)
+    dgate, dup = (torch.randn_like(p.gate) for _ in range(2))
+    hw = _hw(p, torch.float32).to(torch.bfloat16)
+    with forced_config(weight_grads._DOWN_WGRAD["16bit"], cfg), forced_config(weight_grads._UP_WGRAD["16bit"], cfg):
+        dw2 = moe_down_wgrad(hw, p.dout, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
+        dw1, dv1 = moe_up_wgrad(dgate, dup, p.x, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
+    assert_accurate(dw2, _down_grads(p, torch.float64)[2], _down_grads(p, torch.bfloat16)[2])
+    ref, base = _up_grads(p, dgate, dup, torch.float64), _up_grads(p, dgate, dup, torch.bfloat16)
+    assert_accurate(dw1, ref[1], base[1])
+    assert_accurate(dv1, ref[2], base[2])
+
+
 def _assert_empty_experts_zero(dw: torch.Tensor, p: Problem):
     counts = p.expert_offsets.diff().tolist()
     ffn = dw.shape[0] // p.num_experts
@@ -179,10 +217,10 @@ def _assert_empty_experts_zero(dw: torch.Tensor, p: Problem):
 
 def _backward(p: Problem):
     """All four launchers chained: the expert layer's backward given the forward's saved gate and up."""
-    dgate, dup, dweights = moe_down_bwd(
+    dgate, dup, dweights, hw = moe_down_bwd(
         p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k
     )
-    dw2 = moe_down_wgrad(p.gate, p.up, p.dout, p.weights, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
+    dw2 = moe_down_wgrad(hw, p.dout, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
     dx = moe_up_dgrad(dgate, dup, p.w1, p.v1, p.sorted_slots, p.expert_offsets, p.top_k, p.x.shape[0])
     dw1, dv1 = moe_up_wgrad(dgate, dup, p.x, p.sorted_slots, p.expert_offsets, p.top_k, p.num_experts)
     return dx, dw1, dv1, dw2, dweights
@@ -317,7 +355,13 @@ def test_bad_input(device):
 
     dgate, dup = p.gate, p.up
     with pytest.raises(ValueError, match="num_experts"):
-        moe_down_wgrad(p.gate, p.up, p.dout, p.weights, p.sorted_slots, p.expert_offsets, p.top_k, 3)
+        moe_down_wgrad(p.gate, p.dout, p.sorted_slots, p.expert_offsets, p.top_k, 3)
+    with pytest.raises(ValueError, match="hw"):
+        moe_down_wgrad(p.gate[:-1], p.dout, p.sorted_slots, p.expert_offsets, p.top_k, 4)
+    with pytest.raises(TypeError, match="dout"):
+        moe_down_wgrad(p.gate, p.dout.half(), p.sorted_slots, p.expert_offsets, p.top_k, 4)
+    with pytest.raises(TypeError, match="float64"):
+        moe_down_wgrad(p.gate.double(), p.dout.double(), p.sorted_slots, p.expert_offsets, p.top_k, 4)
     with pytest.raises(ValueError, match="num_experts"):
         moe_up_wgrad(dgate, dup, p.x, p.sorted_slots, p.expert_offsets, p.top_k, 5)
     with pytest.raises(TypeError, match="x"):
@@ -364,10 +408,10 @@ def test_backward_tf32(case, device):
     p = _problem(case, torch.float32, device)
     dgate_in, dup_in = (torch.randn_like(p.gate) for _ in range(2))
     with matmul_precision("high"):
-        dgate, dup, dweights = moe_down_bwd(
+        dgate, dup, dweights, hw = moe_down_bwd(
             p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k
         )
-        dw2 = moe_down_wgrad(p.gate, p.up, p.dout, p.weights, p.sorted_slots, p.expert_offsets, p.top_k, case.experts)
+        dw2 = moe_down_wgrad(hw, p.dout, p.sorted_slots, p.expert_offsets, p.top_k, case.experts)
         dx = moe_up_dgrad(dgate_in, dup_in, p.w1, p.v1, p.sorted_slots, p.expert_offsets, p.top_k, case.tokens)
         dw1, dv1 = moe_up_wgrad(dgate_in, dup_in, p.x, p.sorted_slots, p.expert_offsets, p.top_k, case.experts)
     down_ref, up_ref = _down_grads(p, torch.float64), _up_grads(p, dgate_in, dup_in, torch.float64)

@@ -20,9 +20,9 @@ class ExpertOutputsFunction(torch.autograd.Function):
     """Forward: up GEMMs (both projections and the GLU in one kernel), down GEMM with the routing weight: y [T, k, H].
 
     Saves x, the pre-activations gate and up, the routing weights and the dispatch metadata; h and y are not kept (the
-    backward recomputes h from gate and up). `grad_enabled` is torch.is_grad_enabled() at the call:
-    ctx.needs_input_grad is True for a parameter even under torch.no_grad, and inference must not pay for writing
-    gate and up.
+    backward's `moe_down_bwd` rebuilds h, weighted, once, for dw2). `grad_enabled` is torch.is_grad_enabled() at the
+    call: ctx.needs_input_grad is True for a parameter even under torch.no_grad, and inference must not pay for
+    writing gate and up.
     """
 
     @staticmethod
@@ -47,16 +47,21 @@ class ExpertOutputsFunction(torch.autograd.Function):
         else:
             # Any other gradient is per slot: the down-projection kernels take it as T*k tokens of one slot each.
             dout, down_k, down_weights = dy.reshape(num_tokens * top_k, dy.shape[2]).to(x.dtype), 1, weights.view(-1, 1)
-        dx = dw1 = dv1 = dw2 = dweights = None
-        if need_x or need_w1 or need_v1 or need_weights:
-            dgate, dup, dweights = moe_down_bwd(dout, gate, up, w2, down_weights, sorted_slots, expert_offsets, down_k)
-            dweights = dweights.view(num_tokens, top_k)
-            if need_x:
-                dx = moe_up_dgrad(dgate, dup, w1, v1, sorted_slots, expert_offsets, top_k, num_tokens)
-            if need_w1 or need_v1:
-                dw1, dv1 = moe_up_wgrad(dgate, dup, x, sorted_slots, expert_offsets, top_k, num_experts)
+        dx = dw1 = dv1 = dw2 = None
+        # moe_down_bwd runs for every gradient, dw2 included: its epilogue is where hw = weight * silu(gate) * up is
+        # made once for dw2's GEMM. A dw2-only backward (everything else frozen) pays its dout @ w2.T for nothing; a
+        # separate element-wise hw kernel would save that rare case a GEMM at the cost of a second code path.
+        dgate, dup, dweights, hw = moe_down_bwd(
+            dout, gate, up, w2, down_weights, sorted_slots, expert_offsets, down_k, need_w2
+        )
+        dweights = dweights.view(num_tokens, top_k) if need_weights else None
         if need_w2:
-            dw2 = moe_down_wgrad(gate, up, dout, down_weights, sorted_slots, expert_offsets, down_k, num_experts)
+            dw2 = moe_down_wgrad(hw, dout, sorted_slots, expert_offsets, down_k, num_experts)
+        del hw  # transient, as large as gate: freed before the up-projection's gradients allocate theirs
+        if need_x:
+            dx = moe_up_dgrad(dgate, dup, w1, v1, sorted_slots, expert_offsets, top_k, num_tokens)
+        if need_w1 or need_v1:
+            dw1, dv1 = moe_up_wgrad(dgate, dup, x, sorted_slots, expert_offsets, top_k, num_experts)
         # sorted_slots and expert_offsets: integer dispatch metadata, no gradient; grad_enabled: a Python bool.
         return dx, dw1, dv1, dw2, dweights, None, None, None
 
