@@ -420,7 +420,9 @@ def compile_specs() -> list[CompileSpec]:
     down_ptrs = ("weights_ptr", "y_ptr")
     specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), down_ptrs, fixed={"USE_TMA": False})
     tma_configs = {"16bit": _down_configs()["16bit"]}
-    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, tma_configs, down_ptrs, variants=({"USE_TMA": True},))
+    # sm_80 never takes the TMA path (where Triton would lower it to cp.async, and spill at 64x128 and 64x256).
+    tma = ({"USE_TMA": True},)
+    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, tma_configs, down_ptrs, variants=tma, archs=(90,))
     for dtype in TRITON_DTYPES.values():
         name = f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}"
         specs.append(kernel_spec(name, _moe_combine_kernel, dtype, ("y_ptr",), 4, BLOCK_H=_COMBINE_BLOCK_H))

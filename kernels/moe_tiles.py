@@ -283,10 +283,12 @@ def gemm_specs(
     fp32_ptrs: tuple[str, ...] = (),
     fixed: dict | None = None,
     variants: tuple[dict, ...] = ({},),
+    archs: tuple[int, ...] = (80, 90),
 ) -> list[CompileSpec]:
     """A CompileSpec per (GEMM class, dtype of the class, variant, config) of a grouped-GEMM kernel (see
     `launch_args`); `fixed` holds constexprs every launch passes, `variants` the alternatives a launcher can take
-    (SAVE_PREACT on and off, say). fp32_dot specs run no tensor cores, so they need no wgmma."""
+    (SAVE_PREACT on and off, say), `archs` where it takes them (USE_TMA: sm_90). fp32_dot specs run no tensor cores,
+    so they need no wgmma."""
     specs = []
     for cls, class_configs in configs.items():
         for dtype in GEMM_CLASS_DTYPES[cls]:
@@ -310,6 +312,7 @@ def gemm_specs(
                             num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
                             matrix=cls != "fp32_dot",
+                            archs=archs,
                         )
                     )
     return specs
