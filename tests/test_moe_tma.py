@@ -69,6 +69,19 @@ def test_down_tma_matches_pointer_path(case, dtype, device, monkeypatch):
     assert torch.equal(y_tma, y_ptr)
 
 
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_down_reads_no_other_experts_weights(tma, device, monkeypatch):
+    """The experts without a token get NaN weights: no tile of the others may reach them, not even in the K tail
+    past F, where the other operand is zero (NaN * 0 is NaN). The TMA path owes that to w2's [E, F, H] view."""
+    case = BY_NAME["empty_experts"]  # the upper half of the experts gets no token
+    h, w2, routing, y64 = _inputs(case, torch.bfloat16, device)
+    w2 = w2.clone()
+    w2[case.experts // 2 * case.ffn :] = float("nan")
+    y, seen = _down(h, w2, routing, case.top_k, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    assert_accurate(y, y64)
+
+
 def test_down_tma_every_config(device, monkeypatch):
     """Every 16-bit config of the down kernel on the TMA path (tests/test_every_config.py runs them on the pointer
     path): one expert with every token, several M-, N- and K-tiles, all ragged."""
