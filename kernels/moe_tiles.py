@@ -158,23 +158,25 @@ def gemm_class(dtype: torch.dtype) -> tuple[str, bool]:
 
 # TMA. An operand whose rows are contiguous in the order a GEMM reads them (not gathered) can load each tile with one
 # `cp.async.bulk.tensor` on sm_90: the copy engine computes the addresses and zero-fills outside the descriptor's shape,
-# so the main loop does no address arithmetic and no masking. The descriptors are made in the kernel
-# (tl.make_tensor_descriptor), which Triton 3.6 and 3.9 both compile: the block shape follows the autotuned tile, and a
-# 3-D view can bound a block to one expert. The price: each program writes its descriptors to a global workspace
-# (`tma_workspace`, 128 bytes each). Host-side descriptors (triton.tools.tensor_descriptor.TensorDescriptor, in a
-# signature "tensordesc<bf16[128, 64]>") fix the block shape on the host, so every autotune config would need a
-# pre-hook, and on sm_80 they load without cp.async pipelining; device-side ones lower to cp.async there, but the
-# launchers keep the pointer path on sm_80 anyway, and for any layout TMA cannot take. The interpreter of both
-# Triton versions runs descriptors, so the TMA path is tested on the CPU too (DBRX_FAST_TMA=1).
+# so the main loop does no address arithmetic and no masking (moe_down at 128x128: 141 registers -> 104). The
+# descriptors are made in the kernel (tl.make_tensor_descriptor), which Triton 3.6 and 3.9 both compile: the block
+# shape follows the autotuned tile, and a 3-D view (or a shape cut at the expert's last row) bounds a block to one
+# expert. The price: each program writes its descriptors to a global workspace (`tma_workspace`, 128 bytes each).
+# Host-side descriptors (triton.tools.tensor_descriptor.TensorDescriptor, "tensordesc<bf16[128, 64]>" in a signature)
+# fix the block shape on the host, so every autotune config would need a pre-hook, and on sm_80 they load without
+# cp.async. In-kernel ones lower to cp.async on sm_80, but spill at some tiles there: the launchers keep the pointer
+# path on sm_80, for gathered rows and for layouts TMA cannot take, and the compile specs of a TMA path say sm_90 only
+# (CompileSpec.archs). The interpreter of both Triton versions runs descriptors, zero fill included, so the TMA path is
+# tested on the CPU as well (DBRX_FAST_TMA=1).
 TMA_ALIGNMENT = 16  # bytes: the start address and every stride but the innermost (which must be 1)
 
 
 def use_tma(device: torch.device, *operands: torch.Tensor) -> bool:
     """Whether a launch on `device` loads `operands` through TMA descriptors. DBRX_FAST_TMA=0: never; =1: wherever
     their layout allows (the interpreter included); unset: on CUDA devices of compute capability 9.0 or newer. The
-    layout: innermost stride 1, other strides and the start 16-byte aligned. The start of
-    a traced (fake) tensor is unknown, so there its storage offset is judged (torch allocates storage aligned), as
-    Triton's own TensorDescriptor does."""
+    layout: innermost stride 1, other strides and the start 16-byte aligned. The start of a traced (fake) tensor is
+    unknown, so there its storage offset is judged (torch allocates storage aligned), as Triton's TensorDescriptor
+    does."""
     setting = os.environ.get("DBRX_FAST_TMA", "")
     if setting == "0" or (
         setting != "1" and not (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
