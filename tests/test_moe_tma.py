@@ -11,7 +11,7 @@ or an h block past the last row, would show.
 import pytest
 import torch
 from accuracy import assert_accurate
-from moe_cases import BY_NAME
+from moe_cases import BY_NAME, Case
 from test_moe_experts import _problem
 from triton.runtime import _allocation
 
@@ -22,6 +22,11 @@ from dbrx_fast.kernels.moe_experts import moe_down, moe_glu_up
 from dbrx_fast.kernels.moe_tiles import tma_workspace, use_tma
 
 pytestmark = pytest.mark.interpreter
+
+# One expert with every token: two M-tiles of 64 rows or one of 128, and N (H) and K (F) tiles of 64 and 128, all
+# ragged; smaller than moe_cases' multi_tile, so every config runs in seconds.
+RAGGED = Case("ragged_tiles", 70, 2, 1, hidden=136, ffn=72, routing="one")
+CASES = {**BY_NAME, RAGGED.name: RAGGED}
 
 
 def _inputs(case, dtype, device):
@@ -54,13 +59,13 @@ def _down(h, w2, routing, top_k, monkeypatch, tma: str):
 
 @pytest.mark.parametrize(
     ("case", "dtype"),
-    [("T37_E4_k2", torch.bfloat16), ("empty_experts", torch.float16), ("multi_tile", torch.bfloat16)],
-    ids=["T37_E4_k2-bf16", "empty_experts-fp16", "multi_tile-bf16"],
+    [("T37_E4_k2", torch.bfloat16), ("empty_experts", torch.float16), ("ragged_tiles", torch.bfloat16)],
+    ids=["T37_E4_k2-bf16", "empty_experts-fp16", "ragged_tiles-bf16"],
 )
 def test_down_tma_matches_pointer_path(case, dtype, device, monkeypatch):
     """Within round-off of float64, and bitwise the pointer path's result: the same products in the same order (only
     rows that the store masks differ)."""
-    case = BY_NAME[case]
+    case = CASES[case]
     h, w2, routing, y64 = _inputs(case, dtype, device)
     y_tma, seen_tma = _down(h, w2, routing, case.top_k, monkeypatch, "1")
     y_ptr, seen_ptr = _down(h, w2, routing, case.top_k, monkeypatch, "0")
@@ -84,8 +89,8 @@ def test_down_reads_no_other_experts_weights(tma, device, monkeypatch):
 
 def test_down_tma_every_config(device, monkeypatch):
     """Every 16-bit config of the down kernel on the TMA path (tests/test_every_config.py runs them on the pointer
-    path): one expert with every token, several M-, N- and K-tiles, all ragged."""
-    case = BY_NAME["multi_tile"]
+    path)."""
+    case = RAGGED
     h, w2, routing, y64 = _inputs(case, torch.bfloat16, device)
     tuner = fwd_kernels._DOWN["16bit"]
     for cfg in tuner.all_configs:
