@@ -6,10 +6,11 @@ then reports registers and spill bytes, the compiled metadata gives the dynamic 
 whether tensor-core matmuls use Hopper's `wgmma`. A spec fails if it does not compile, spills, needs more shared
 memory than the architecture has, or is a tl.dot kernel (`matrix=True`) whose sm_90 PTX has no `wgmma`.
 
-The same PTX also gives a static performance reading (`read_ptx_performance`, no extra compilation): the wgmma N
-widths, whether the main loop waits for all its loads or drains the MMA pipeline, exp/divide instructions per MMA in
-the main loop, and, with ptxas' registers and the shared memory, the blocks that fit on one SM. These are reported,
-not failed here: tests/test_compile_gpu_targets.py enforces them for the large-T MoE configs.
+The same PTX also gives a static performance reading (`read_ptx_performance` and `read_ptx_tma`, no extra
+compilation): the wgmma N widths, whether the main loop waits for all its loads or drains the MMA pipeline,
+exp/divide instructions per MMA in the main loop, the TMA loads issued there, and, with ptxas' registers and the
+shared memory, the blocks that fit on one SM. These are reported, not failed here: tests/test_compile_gpu_targets.py
+enforces them for the large-T MoE configs.
 
     python -m dbrx_fast.inspect                          # table of every spec; exit status 1 if anything fails
     python -m dbrx_fast.inspect --arch 90 --filter rope  # one architecture, specs whose name contains "rope"
@@ -87,6 +88,7 @@ class CompileRecord:
     loop_waits_all: bool | None = None  # a main loop waits for all its loads (see read_ptx_performance)
     loop_drains_mma: bool | None = None  # a main loop drains the wgmma pipeline
     loop_sfu_per_mma: float | None = None  # exp/divide instructions per MMA instruction in the main loops
+    loop_tma: int | None = None  # TMA loads (cp.async.bulk.tensor global -> shared) in the main loops
     error: str | None = None  # why compilation or ptxas failed
 
     @property
@@ -181,6 +183,9 @@ def count_ptx_instructions(ptx: str) -> int:
 _LABEL = re.compile(r"^(\$\w+):")
 _BRANCH = re.compile(r"^bra(?:\.uni)?\s+(\$\w+)\s*;")
 _WGMMA_SHAPE = re.compile(r"^wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k\d+")
+# A TMA load: destination shared memory (shared::cluster up to PTX 8.5, shared::cta since), source global. A TMA store
+# reads `.global.shared::cta` the other way round; a prefetch is `cp.async.bulk.prefetch.tensor`.
+_TMA_LOAD = re.compile(r"^cp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global")
 
 
 def _ptx_instructions(ptx: str) -> list[str]:
@@ -241,6 +246,7 @@ def read_ptx_performance(ptx: str) -> dict:
       written, a branch taken or not counts the same). The main loop rather than the whole kernel: the epilogue runs
       once per tile, the loop once per K step, so only the loop's ratio says whether SFU work competes with the
       MMA. None without a main loop.
+    (And `read_ptx_tma`: the TMA loads there.)
     sm_80's mma.sync is synchronous: there only wait-all and the SFU ratio say something (drain is always False).
     """
     lines = _ptx_instructions(ptx)
@@ -254,6 +260,15 @@ def read_ptx_performance(ptx: str) -> dict:
         loop_drains_mma=bool(loops) and any(_waits_for(line, "wgmma.wait_group.sync.aligned") == 0 for line in body),
         loop_sfu_per_mma=sum(1 for line in body if _is_sfu(line)) / mma if mma else None,
     )
+
+
+def read_ptx_tma(ptx: str) -> int | None:
+    """The CompileRecord field loop_tma: TMA loads (`cp.async.bulk.tensor.Nd.shared::*.global`) in the main loops (see
+    `main_loop_bodies`) as written, normally one per operand tile that a K step loads through a tensor descriptor; 0
+    where every load is cp.async or ld.global (sm_80 has no TMA); None without a main loop."""
+    lines = _ptx_instructions(ptx)
+    loops = main_loop_bodies(lines)
+    return sum(1 for a, b in loops for line in lines[a : b + 1] if _TMA_LOAD.match(line)) if loops else None
 
 
 def ptxas_path(arch: int) -> str:
@@ -360,6 +375,7 @@ def compile_spec(spec, arch: int) -> CompileRecord:
         record.warps = spec.num_warps
         for field, value in read_ptx_performance(ptx).items():
             setattr(record, field, value)
+        record.loop_tma = read_ptx_tma(ptx)
         if record.smem <= SHARED_MEMORY_LIMIT[arch]:  # else loading it fails, and the table says why already
             record.driver_spills = _driver_spills(compiled, arch)
     except Exception as exc:  # every failure is a finding for the table, not a crash of the tool
@@ -384,7 +400,7 @@ def _compile_in_worker(index: int, arch: int) -> CompileRecord:
 
 
 def _compile_all(specs: list, archs, jobs: int) -> list[CompileRecord]:
-    tasks = [(index, arch) for index in range(len(specs)) for arch in archs]
+    tasks = [(index, arch) for index in range(len(specs)) for arch in archs if arch in specs[index].archs]
     # Forked workers inherit the specs (initargs are not pickled under fork; JIT functions do not pickle). Forking is
     # unsafe once this process has touched CUDA, so that case stays serial.
     import torch
@@ -429,7 +445,8 @@ def inspect_specs(
     archs=DEFAULT_ARCHS, name_filter: str | None = None, source: str | None = None, jobs: int | None = None
 ) -> list[CompileRecord]:
     """Compile the specs from `source` (default: the registry) whose name contains `name_filter`, for each of
-    `archs`: one record per (spec, arch), in spec order. Runs in a subprocess when the interpreter is on."""
+    `archs` that the spec's own `archs` holds: one record per (spec, arch), in spec order. Runs in a subprocess when
+    the interpreter is on."""
     archs = tuple(int(a) for a in archs)
     bad = [a for a in archs if a not in SHARED_MEMORY_LIMIT]
     if bad:
@@ -453,10 +470,10 @@ def _loop_cell(r: CompileRecord) -> str:
 
 def format_table(records: list[CompileRecord]) -> str:
     """A text table, one row per record, then each failure's reasons in full. The performance columns (see
-    read_ptx_performance): wgmma N widths, the main loop's waits, exp/divide per MMA there, and blocks per SM as
-    "resident (by registers, by shared memory)"."""
+    read_ptx_performance): wgmma N widths, the main loop's waits, exp/divide per MMA there, its TMA loads, and blocks
+    per SM as "resident (by registers, by shared memory)"."""
     headers = ("kernel / config", "arch", "regs", "spills", "smem", "instrs", "wgmma")
-    headers += ("mma_n", "main loop", "sfu/mma", "blocks/SM", "status")
+    headers += ("mma_n", "main loop", "sfu/mma", "tma", "blocks/SM", "status")
 
     def cell(value) -> str:
         return "-" if value is None else str(value)
@@ -473,6 +490,7 @@ def format_table(records: list[CompileRecord]) -> str:
             ",".join(map(str, r.wgmma_n)) if r.wgmma_n else "-",
             _loop_cell(r),
             "-" if r.loop_sfu_per_mma is None else f"{r.loop_sfu_per_mma:.1f}",
+            cell(r.loop_tma),
             "-" if r.blocks_per_sm is None else f"{r.blocks_per_sm} ({r.blocks_by_regs},{r.blocks_by_smem})",
             "ok" if not r.problems else "FAIL",
         )
@@ -497,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dbrx_fast.inspect",
         description="Compile every kernel launch for sm_80 / sm_90 without a GPU; report registers, spills, shared "
         "memory, PTX instructions and wgmma, and read the PTX for performance: wgmma N, main-loop waits, exp/divide "
-        "per MMA, blocks per SM. Exit status 1 if any spec fails to compile, spills, overflows shared "
-        "memory, or is a matrix kernel without wgmma on sm_90.",
+        "per MMA, TMA loads in the main loop, blocks per SM. Exit status 1 if any spec fails to compile, spills, "
+        "overflows shared memory, or is a matrix kernel without wgmma on sm_90.",
     )
     parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)), help="comma-separated: 80,90")
     parser.add_argument("--filter", dest="name_filter", metavar="SUBSTRING", help="only specs whose name contains it")

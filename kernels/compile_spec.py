@@ -17,3 +17,4 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     matrix: bool = False  # a tl.dot kernel: its sm_90 PTX must use wgmma
+    archs: tuple[int, ...] = (80, 90)  # where a launcher takes this launch (a TMA path: sm_90 only)

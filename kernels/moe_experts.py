@@ -30,13 +30,19 @@ from .moe_tiles import (
     autotuned_by_class,
     config,
     dot,
+    expert_tile,
     gemm_class,
     gemm_specs,
     grouped_tile,
     kernel_spec,
     launched_m_tiles,
+    load_tile,
     num_m_tiles_upper_bound,
+    span_rows,
+    tile_descriptor,
     tile_rows,
+    tma_workspace,
+    use_tma,
 )
 
 _COMBINE_BLOCK_H = 1024
@@ -190,6 +196,7 @@ def _moe_down_fwd_kernel(
     stride_weights_k,
     NUM_EXPERTS: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -197,24 +204,35 @@ def _moe_down_fwd_kernel(
 ):
     """y[s, n] = weights.flat[s] * (h[p] @ w2_e[:, n]) for sorted rows p of expert e, s = sorted_slots[p].
 
-    y is contiguous float32 [num_rows, hidden] in slot order."""
+    y is contiguous float32 [num_rows, hidden] in slot order. USE_TMA loads both operands through descriptors (h's
+    innermost stride and w2's must then be 1): h rows past the expert's end are the next expert's or zero, harmless
+    since they are masked at the store, and w2 as [E, F, H] zero-fills past the expert's F rows."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert, rows, slots, row_mask = tile_rows(
-        pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
-    )
+    expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
+    rows, slots, row_mask = span_rows(row_start, row_end, sorted_slots_ptr, num_rows, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_K)
+    h_src = tile_descriptor(h_ptr, (num_rows, ffn), (stride_h_r, 1), (BLOCK_M, BLOCK_K), USE_TMA)
+    w2_src = tile_descriptor(
+        w2_ptr,
+        (NUM_EXPERTS, ffn, hidden),
+        (tl.cast(ffn, tl.int64) * stride_w2_r, stride_w2_r, 1),
+        (1, BLOCK_K, BLOCK_N),
+        USE_TMA,
+    )
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_r + ks[None, :] * stride_h_f
     w2_ptrs = w2_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_w2_r + cols[None, :] * stride_w2_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, ffn, BLOCK_K):
         k_mask = ks < ffn - k0
-        h_tile = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        h_tile = load_tile(h_src, (row_start, k0), h_ptrs, row_mask[:, None] & k_mask[None, :], USE_TMA)
+        w2_tile = load_tile(
+            w2_src, (expert, k0, pid_n * BLOCK_N), w2_ptrs, k_mask[:, None] & col_mask[None, :], USE_TMA
+        )
         acc = dot(h_tile, w2_tile, acc, FP32_DOT)
         h_ptrs += BLOCK_K * stride_h_f
         w2_ptrs += BLOCK_K * stride_w2_r
@@ -243,7 +261,7 @@ _GLU_UP = autotuned_by_class(
     _moe_glu_up_fwd_kernel, _up_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "SAVE_PREACT", "FP32_DOT"]
 )
 _DOWN = autotuned_by_class(
-    _moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+    _moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT", "USE_TMA"]
 )
 
 
@@ -341,29 +359,33 @@ def moe_down(
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
 
     cls, fp32_dot = gemm_class(h.dtype)
-    launch(
-        _DOWN[cls],
-        grid,
-        h,
-        w2,
-        weights,
-        sorted_slots,
-        expert_offsets,
-        y,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        h.stride(0),
-        h.stride(1),
-        w2.stride(0),
-        w2.stride(1),
-        weights.stride(0),
-        weights.stride(1),
-        NUM_EXPERTS=num_experts,
-        FP32_DOT=fp32_dot,
-    )
+    # TMA for the 16-bit class, the one DBRX runs; fp32 keeps the pointer path (and half the compile specs).
+    tma = cls == "16bit" and use_tma(h.device, h, w2)
+    with tma_workspace(h.device, tma):
+        launch(
+            _DOWN[cls],
+            grid,
+            h,
+            w2,
+            weights,
+            sorted_slots,
+            expert_offsets,
+            y,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            h.stride(0),
+            h.stride(1),
+            w2.stride(0),
+            w2.stride(1),
+            weights.stride(0),
+            weights.stride(1),
+            NUM_EXPERTS=num_experts,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return y
 
 
@@ -395,7 +417,12 @@ def compile_specs() -> list[CompileSpec]:
     (see `launch_args` in moe_tiles.py), and the combine in every output dtype."""
     save_preact = ({"SAVE_PREACT": True}, {"SAVE_PREACT": False})
     specs = gemm_specs("moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), variants=save_preact)
-    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), ("weights_ptr", "y_ptr"))
+    down_ptrs = ("weights_ptr", "y_ptr")
+    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), down_ptrs, fixed={"USE_TMA": False})
+    tma_configs = {"16bit": _down_configs()["16bit"]}
+    # sm_80 never takes the TMA path (where Triton would lower it to cp.async, and spill at 64x128 and 64x256).
+    tma = ({"USE_TMA": True},)
+    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, tma_configs, down_ptrs, variants=tma, archs=(90,))
     for dtype in TRITON_DTYPES.values():
         name = f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}"
         specs.append(kernel_spec(name, _moe_combine_kernel, dtype, ("y_ptr",), 4, BLOCK_H=_COMBINE_BLOCK_H))

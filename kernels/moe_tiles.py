@@ -9,11 +9,14 @@ tile gets expert -1 and returns. `expert_tile` finds a tile's expert and rows, `
 and `grouped_tile` orders the (M-tile, N-tile) programs for L2 reuse. The weight-gradient kernels instead walk one
 expert's rows (`expert_rows`) in chunks (`chunk_rows`).
 
-Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, and the compile-spec builder
-`gemm_specs` / `kernel_spec` at DBRX's sizes.
+Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, operand tiles through TMA descriptors or
+pointers (`use_tma`, `tile_descriptor`, `load_tile`, `tma_workspace`), and the compile-spec builder `gemm_specs` /
+`kernel_spec` at DBRX's sizes.
 """
 
+import contextlib
 import inspect
+import os
 
 import torch
 import triton
@@ -64,11 +67,19 @@ def tile_rows(pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS
     store out of bounds.
     """
     expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
+    rows, slots, row_mask = span_rows(row_start, row_end, sorted_slots_ptr, num_rows, BLOCK_M)
+    return expert, rows, slots, row_mask
+
+
+@triton.jit
+def span_rows(row_start, row_end, sorted_slots_ptr, num_rows, BLOCK_M: tl.constexpr):
+    """`tile_rows` of the span row_start:row_end from `expert_tile`: (rows, slots, row mask), for a kernel that also
+    needs row_start as a scalar (a TMA block's start)."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = (rows >= 0) & (rows < row_end) & (rows < num_rows)
     slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
     row_mask &= (slots >= 0) & (slots < num_rows)
-    return expert, rows, slots, row_mask
+    return rows, slots, row_mask
 
 
 @triton.jit
@@ -145,6 +156,83 @@ def gemm_class(dtype: torch.dtype) -> tuple[str, bool]:
     return ("fp32_dot" if fp32_dot else "tf32"), fp32_dot
 
 
+# TMA. An operand whose rows are contiguous in the order a GEMM reads them (not gathered) can load each tile with one
+# `cp.async.bulk.tensor` on sm_90: the copy engine computes the addresses and zero-fills outside the descriptor's shape,
+# so the main loop does no address arithmetic and no masking (moe_down at 128x128: 141 registers -> 104). The
+# descriptors are made in the kernel (tl.make_tensor_descriptor), which Triton 3.6 and 3.9 both compile: the block
+# shape follows the autotuned tile, and a 3-D view (or a shape cut at the expert's last row) bounds a block to one
+# expert. The price: each program writes its descriptors to a global workspace (`tma_workspace`, 128 bytes each).
+# Host-side descriptors (triton.tools.tensor_descriptor.TensorDescriptor, "tensordesc<bf16[128, 64]>" in a signature)
+# fix the block shape on the host, so every autotune config would need a pre-hook, and on sm_80 they load without
+# cp.async. In-kernel ones lower to cp.async on sm_80, but spill at some tiles there: the launchers keep the pointer
+# path on sm_80, for gathered rows and for layouts TMA cannot take, and the compile specs of a TMA path say sm_90 only
+# (CompileSpec.archs). The interpreter of both Triton versions runs descriptors, zero fill included, so the TMA path is
+# tested on the CPU as well (DBRX_FAST_TMA=1).
+TMA_ALIGNMENT = 16  # bytes: the start address and every stride but the innermost (which must be 1)
+
+
+def use_tma(device: torch.device, *operands: torch.Tensor) -> bool:
+    """Whether a launch on `device` loads `operands` through TMA descriptors. DBRX_FAST_TMA=0: never; =1: wherever
+    their layout allows (the interpreter included); unset: on CUDA devices of compute capability 9.0 or newer. The
+    layout: innermost stride 1, other strides and the start 16-byte aligned. The start of a traced (fake) tensor is
+    unknown, so there its storage offset is judged (torch allocates storage aligned), as Triton's TensorDescriptor
+    does."""
+    setting = os.environ.get("DBRX_FAST_TMA", "")
+    if setting == "0" or (
+        setting != "1" and not (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+    ):
+        return False
+    for t in operands:
+        size = t.element_size()
+        start = t.storage_offset() if type(t).__name__ in ("FakeTensor", "FunctionalTensor") else t.data_ptr() // size
+        if t.stride(-1) != 1 or any((s * size) % TMA_ALIGNMENT for s in (start, *t.stride()[:-1])):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def tma_workspace(device: torch.device, enabled: bool):
+    """Within the block, Triton allocates the global workspace of in-kernel TMA descriptors as torch tensors on
+    `device` (when `enabled`; Triton has no allocator of its own). Set for the block only, then the caller's own
+    allocator, if any, is back: torch.compile's launcher sets the same one before each launch."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    from triton.runtime import _allocation  # its ContextVar, so the setting can be undone; 3.6 to 3.9 alike
+
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
+    )
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
+@triton.jit
+def tile_descriptor(base_ptr, shape, strides, block_shape, USE_TMA: tl.constexpr):
+    """A tensor descriptor over `base_ptr` (innermost stride 1) for `load_tile` when USE_TMA, else `base_ptr`
+    itself (the pointer path carries its own pointers)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base_ptr, shape, strides, block_shape)
+    else:
+        return base_ptr
+
+
+@triton.jit
+def load_tile(source, offsets, ptrs, mask, USE_TMA: tl.constexpr):
+    """A 2-D operand tile. USE_TMA: `source.load(offsets)` from a `tile_descriptor`, zero outside its shape (`ptrs`
+    and `mask` unused: the compiler drops them), a leading block dimension of 1 dropped. Else
+    tl.load(ptrs, mask, other=0)."""
+    if USE_TMA:
+        tile = source.load(offsets)
+        if len(tile.shape) == 3:
+            tile = tl.reshape(tile, (tile.shape[1], tile.shape[2]))
+        return tile
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
 def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
@@ -197,10 +285,12 @@ def gemm_specs(
     fp32_ptrs: tuple[str, ...] = (),
     fixed: dict | None = None,
     variants: tuple[dict, ...] = ({},),
+    archs: tuple[int, ...] = (80, 90),
 ) -> list[CompileSpec]:
     """A CompileSpec per (GEMM class, dtype of the class, variant, config) of a grouped-GEMM kernel (see
     `launch_args`); `fixed` holds constexprs every launch passes, `variants` the alternatives a launcher can take
-    (SAVE_PREACT on and off, say). fp32_dot specs run no tensor cores, so they need no wgmma."""
+    (SAVE_PREACT on and off, say), `archs` where it takes them (USE_TMA: sm_90). fp32_dot specs run no tensor cores,
+    so they need no wgmma."""
     specs = []
     for cls, class_configs in configs.items():
         for dtype in GEMM_CLASS_DTYPES[cls]:
@@ -224,6 +314,7 @@ def gemm_specs(
                             num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
                             matrix=cls != "fp32_dot",
+                            archs=archs,
                         )
                     )
     return specs

@@ -158,10 +158,10 @@ def install(order: str = "sequential", race_check: bool = False) -> None:
     def recorded(name, kind, ptr_at, mask_at):
         real = getattr(builder, name)
 
-        def wrapper(self, *args):
+        def wrapper(self, *args, **kwargs):  # keywords: the interpreter's descriptor loads pass cache_policy so
             if STATE.launch is not None:
                 STATE.launch.record(kind, args[ptr_at], None if mask_at is None else args[mask_at])
-            return real(self, *args)
+            return real(self, *args, **kwargs)
 
         setattr(builder, name, wrapper)
 

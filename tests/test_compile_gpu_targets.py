@@ -58,10 +58,11 @@ def pytest_generate_tests(metafunc):
     # registry to load.
     if "registry_case" in metafunc.fixturenames:
         try:
-            names = [spec.name for spec in all_compile_specs()]
+            specs = all_compile_specs()
         except Exception:  # test_registry_loads reports it; here it only leaves no cases to generate
-            names = []
-        cases = [(name, arch) for name in dict.fromkeys(names) for arch in ARCHS]
+            specs = []
+        # Only where a launcher takes the launch (a TMA path: sm_90).
+        cases = list(dict.fromkeys((spec.name, arch) for spec in specs for arch in ARCHS if arch in spec.archs))
         metafunc.parametrize("registry_case", cases, ids=[f"{name} sm_{arch}" for name, arch in cases])
 
 
@@ -605,3 +606,69 @@ def test_blocks_per_sm():
     assert record(90, 16, 32, 0).blocks_per_sm == 2  # its 64 warps
     assert record(90, 255, 4, 200 * 1024).blocks_per_sm == 1
     assert CompileRecord(name="k", arch=90, matrix=True).blocks_per_sm is None
+
+
+# ---- the TMA reading (issue 7, deliverable 5): TMA loads in the main loop ----
+
+
+@triton.jit
+def _toy_tma_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # _toy_gemm_kernel with both operands through in-kernel tensor descriptors: on sm_90 one TMA load per operand per
+    # K step; sm_80 has no TMA, Triton lowers them to cp.async.
+    a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [N, 1], [BLOCK_K, BLOCK_N])
+    m0, n0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(a_desc.load([m0, k0]), b_desc.load([k0, n0]), acc)
+    rm, rn = m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=rm[:, None] < M)
+
+
+def tma_toy_specs() -> list[CompileSpec]:
+    """The TMA toy and the pointer toy GEMM it copies (a source of their own: the toy table keeps its counts)."""
+    tiles = {"K": 1024, "N": 1024, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+    return [
+        CompileSpec("toy perf tma gemm", _toy_tma_gemm_kernel, _GEMM, tiles, num_warps=4, num_stages=3, matrix=True),
+        _toy_gemm("toy perf pointer gemm"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tma_toy_records() -> dict:
+    return {(r.name, r.arch): r for r in inspect_specs(ARCHS, source=f"{__file__}:tma_toy_specs")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_perf_reads_tma_loads(tma_toy_records, arch):
+    tma, pointer = tma_toy_records[("toy perf tma gemm", arch)], tma_toy_records[("toy perf pointer gemm", arch)]
+    assert tma.problems == [] and pointer.problems == [], (tma.problems, pointer.problems)
+    assert (tma.loop_tma, pointer.loop_tma) == ((2, 0) if arch >= 90 else (0, 0))
+    assert (tma.loop_waits_all, tma.loop_drains_mma) == (False, False)  # the TMA loop is pipelined as well
+
+
+def test_read_ptx_tma():
+    ptx = """
+	cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+$L__BB0_1:
+	@%p1 cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
+	cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%r5], [%rd2, {%r2, %r3, %r6}], [%r4];
+	cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd3, {%r2, %r3}], [%r7];
+	cp.async.bulk.prefetch.tensor.2d.L2.global [%rd1, {%r2, %r3}];
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r8}, %rd4, %rd5, 1, 1, 1, 0, 1;
+	@%p2 bra 	$L__BB0_1;
+	ret;
+"""
+    # The prologue's load is outside the loop; a store and a prefetch are no loads.
+    assert dbrx_inspect.read_ptx_tma(ptx) == 2
+    assert dbrx_inspect.read_ptx_tma(ptx.replace("wgmma.mma_async", "add.s32")) is None  # no main loop

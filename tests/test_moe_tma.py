@@ -1,0 +1,129 @@
+"""The down projection's TMA path (kernels/moe_tiles.py `use_tma`, `tile_descriptor`, `load_tile`) against its
+pointer path and float64.
+
+The interpreter of Triton 3.6 and 3.9 runs in-kernel tensor descriptors (zero fill outside the descriptor's shape
+included), so DBRX_FAST_TMA=1 runs the TMA path on the CPU; on a GPU it is the sm_90 path. Its PTX (one
+cp.async.bulk.tensor per operand in the main loop) is checked by tests/test_compile_gpu_targets.py. The sizes are
+the shared cases': F = 48 and H = 80 are multiples of no block, so a w2 block that crossed into the next expert's rows,
+or an h block past the last row, would show.
+"""
+
+import pytest
+import torch
+from accuracy import assert_accurate
+from moe_cases import BY_NAME, Case
+from test_moe_experts import _problem
+from triton.runtime import _allocation
+
+from dbrx_fast.kernels import moe_experts as fwd_kernels
+from dbrx_fast.kernels.autotune import forced_config
+from dbrx_fast.kernels.launch import launch
+from dbrx_fast.kernels.moe_experts import moe_down, moe_glu_up
+from dbrx_fast.kernels.moe_tiles import tma_workspace, use_tma
+
+pytestmark = pytest.mark.interpreter
+
+# One expert with every token: two M-tiles of 64 rows or one of 128, and N (H) and K (F) tiles of 64 and 128, all
+# ragged; smaller than moe_cases' multi_tile, so every config runs in seconds.
+RAGGED = Case("ragged_tiles", 70, 2, 1, hidden=136, ffn=72, routing="one")
+CASES = {**BY_NAME, RAGGED.name: RAGGED}
+
+
+def _inputs(case, dtype, device):
+    """(h from moe_glu_up, w2, routing, float64 y) of the case."""
+    x, w1, v1, w2, routing = _problem(case, dtype, device)
+    h, _, _ = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, case.top_k, False)
+    slots = routing.sorted_slots.long()
+    experts = routing.expert_ids.reshape(-1).long()[slots]
+    rows = experts[:, None] * case.ffn + torch.arange(case.ffn, device=device)
+    y64 = torch.empty(x.shape[0] * case.top_k, case.hidden, dtype=torch.float64, device=device)
+    y64[slots] = torch.einsum("pf,pfh->ph", h.double(), w2.double()[rows])
+    y64 *= routing.weights.double().reshape(-1, 1)
+    return h, w2, routing, y64
+
+
+def _down(h, w2, routing, top_k, monkeypatch, tma: str):
+    """(y, the USE_TMA of each launch) of moe_down with DBRX_FAST_TMA=tma."""
+    seen = []
+
+    def spy(kernel, grid, *args, **meta):
+        seen.append(meta["USE_TMA"])
+        launch(kernel, grid, *args, **meta)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fwd_kernels, "launch", spy)
+        patch.setenv("DBRX_FAST_TMA", tma)
+        y = moe_down(h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, top_k)
+    return y, seen
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [("T37_E4_k2", torch.bfloat16), ("empty_experts", torch.float16), ("ragged_tiles", torch.bfloat16)],
+    ids=["T37_E4_k2-bf16", "empty_experts-fp16", "ragged_tiles-bf16"],
+)
+def test_down_tma_matches_pointer_path(case, dtype, device, monkeypatch):
+    """Within round-off of float64, and bitwise the pointer path's result: the same products in the same order (only
+    rows that the store masks differ)."""
+    case = CASES[case]
+    h, w2, routing, y64 = _inputs(case, dtype, device)
+    y_tma, seen_tma = _down(h, w2, routing, case.top_k, monkeypatch, "1")
+    y_ptr, seen_ptr = _down(h, w2, routing, case.top_k, monkeypatch, "0")
+    assert (seen_tma, seen_ptr) == ([True], [False])
+    assert_accurate(y_tma, y64)
+    assert torch.equal(y_tma, y_ptr)
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_down_reads_no_other_experts_weights(tma, device, monkeypatch):
+    """The experts without a token get NaN weights: no tile of the others may reach them, not even in the K tail
+    past F, where the other operand is zero (NaN * 0 is NaN). The TMA path owes that to w2's [E, F, H] view."""
+    case = BY_NAME["empty_experts"]  # the upper half of the experts gets no token
+    h, w2, routing, y64 = _inputs(case, torch.bfloat16, device)
+    w2 = w2.clone()
+    w2[case.experts // 2 * case.ffn :] = float("nan")
+    y, seen = _down(h, w2, routing, case.top_k, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    assert_accurate(y, y64)
+
+
+def test_down_tma_every_config(device, monkeypatch):
+    """Every 16-bit config of the down kernel on the TMA path (tests/test_every_config.py runs them on the pointer
+    path)."""
+    case = RAGGED
+    h, w2, routing, y64 = _inputs(case, torch.bfloat16, device)
+    tuner = fwd_kernels._DOWN["16bit"]
+    for cfg in tuner.all_configs:
+        with forced_config(tuner, cfg):
+            y, seen = _down(h, w2, routing, case.top_k, monkeypatch, "1")
+        assert seen == [True], cfg
+        assert_accurate(y, y64, what=str(cfg))
+
+
+def test_fp32_keeps_the_pointer_path(device, monkeypatch):
+    case = BY_NAME["T37_E4_k2"]
+    h, w2, routing, _ = _inputs(case, torch.float32, device)
+    assert _down(h, w2, routing, case.top_k, monkeypatch, "1")[1] == [False]
+
+
+def test_use_tma_wants_an_aligned_layout(monkeypatch):
+    cpu = torch.device("cpu")
+    h = torch.randn(8, 48).to(torch.bfloat16)
+    monkeypatch.delenv("DBRX_FAST_TMA", raising=False)
+    assert not use_tma(cpu, h)  # unset: CUDA sm_90+ only
+    monkeypatch.setenv("DBRX_FAST_TMA", "0")
+    assert not use_tma(cpu, h)
+    monkeypatch.setenv("DBRX_FAST_TMA", "1")
+    assert use_tma(cpu, h, h[2:])  # a row of 96 bytes keeps every row start 16-byte aligned
+    assert not use_tma(cpu, h[:, 1:])  # start 2 bytes past an aligned one
+    assert not use_tma(cpu, torch.randn(8, 44).to(torch.bfloat16))  # rows of 88 bytes
+    assert not use_tma(cpu, h.t())  # innermost stride 48
+
+
+def test_tma_workspace_is_set_for_the_block_only():
+    before = _allocation._allocator.get()
+    with tma_workspace(torch.device("cuda"), True):  # no CUDA call until Triton allocates
+        assert _allocation._allocator.get() is not before
+    assert _allocation._allocator.get() is before
+    with tma_workspace(torch.device("cuda"), False):
+        assert _allocation._allocator.get() is before
