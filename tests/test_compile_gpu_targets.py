@@ -169,10 +169,8 @@ _PERF_CHECKS = {
     "no_mma_drain": lambda r: r.loop_drains_mma is False,
 }
 _PERF_KNOWN = {
-    ("moe_glu_up", "n128"): "issue 7: gate and up are separate n64 dots (deliverable 4)",
     ("moe_down_wgrad", "no_wait_all"): "issue 7: one-buffer main loop, cp.async.wait_group 0 (deliverables 1-2)",
     ("moe_up_wgrad", "no_wait_all"): "issue 7: one-buffer main loop, cp.async.wait_group 0 (deliverable 2)",
-    ("moe_up_dgrad", "no_mma_drain"): "issue 7: two dots into one accumulator drain wgmma (deliverable 3)",
 }
 _MOE_GEMMS = ("moe_glu_up", "moe_down", "moe_down_bwd", "moe_up_dgrad", "moe_down_wgrad", "moe_up_wgrad")
 
