@@ -175,12 +175,14 @@ def _grouped_tile(pid: torch.Tensor, num_pid_m: int, num_pid_n: int, group_m: in
     return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
 
-def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, blocks_per_sm, block_n=None):
+def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, blocks_per_sm, block_n=None, k_loops=1):
     """(a moved, b moved, in_flight, tiles) of a `grouped_tile` launch over the sorted rows: M = rows, N = n,
-    K = depth, acc_count fp32 accumulators.
+    K = depth, acc_count fp32 accumulators [BLOCK_M, block_n] (block_n: the output columns a program owns, by
+    default BLOCK_N).
 
     The row operand: a_tensors tensors, one [rows, depth] tile of each per M-tile. The weight operand: b_tensors
-    [E*F, H] tensors, one [BLOCK_N, depth] tile of each per (expert, N-tile)."""
+    [E*F, H] tensors, one [block_n, depth] tile of each per (expert, N-tile). k_loops: the program walks K that many
+    times, one (a, b) tensor pair after the other, so a pipeline stage holds 1 / k_loops of the tiles."""
     bm, bk, group_m = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.kwargs["GROUP_M"]
     bn = block_n or cfg.kwargs["BLOCK_N"]
     size = shape.itemsize
@@ -190,7 +192,7 @@ def _grouped_gemm(shape, gpu, cfg, n, depth, a_tensors, b_tensors, acc_count, bl
     pid_m, pid_n = _grouped_tile(torch.arange(num_pid_m * num_pid_n, dtype=torch.int64), num_pid_m, num_pid_n, group_m)
     real = pid_m < tile_expert.numel()
     pid_m, pid_n = pid_m[real], pid_n[real]
-    stage = (bm * a_tensors + bn * b_tensors) * bk * size
+    stage = (bm * a_tensors + bn * b_tensors) * bk * size // k_loops
     in_flight = gpu.sms * (blocks_per_sm or _blocks_per_sm(gpu, cfg, acc_count * bm * bn, stage))
     waves = torch.arange(pid_m.numel(), dtype=torch.int64) // in_flight
     a_moved = _wave_traffic(waves, pid_m, tile_rows * depth * size * a_tensors)
@@ -234,7 +236,10 @@ def forward(shape: Shape, gpu: Gpu = H100_SXM, save_preact: bool = False, blocks
         "route_fwd", 0.0, 2.0 * t * e, {"logits": (t * e * s,) * 2, "weights, ids, slots, offsets": (3 * meta,) * 2}
     )
     cfg = _pinned(moe_experts._GLU_UP, shape.dtype)
-    x_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 2, 2, blocks_per_sm)
+    # BLOCK_N is the [w1|v1] B tile's width: a program owns BLOCK_N // 2 columns of h (one accumulator of
+    # BLOCK_N columns, counted here as two of BLOCK_N // 2).
+    block_n = cfg.kwargs["BLOCK_N"] // 2
+    x_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 2, 2, blocks_per_sm, block_n)
     up = KernelCost(
         "moe_glu_up",
         2 * 2.0 * r * h * f,
@@ -298,7 +303,8 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
     )
     sum_partials = KernelCost("moe_sum_partials", 0.0, 0.0, {"partials": (partials,) * 2, "dweights": (r * 4,) * 2})
     cfg = _pinned(moe_input_grads._UP_DGRAD, shape.dtype)
-    d_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 2, 2, 1, blocks_per_sm)
+    # Two K loops, dgate @ w1_e then dup @ v1_e.
+    d_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 2, 2, 1, blocks_per_sm, k_loops=2)
     up_dgrad = KernelCost(
         "moe_up_dgrad",
         2 * 2.0 * r * f * h,

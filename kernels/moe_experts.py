@@ -6,9 +6,10 @@ kernels/moe_routing.py: weights [T, k] float32, sorted_slots [T*k] int32 (slot s
 within an expert) and expert_offsets [E+1] int32.
 
 Three launches, every intermediate in "sorted order" (row p is slot sorted_slots[p]):
-1. `moe_glu_up`: one kernel computes both up projections of a tile with two fp32 accumulators over the H loop,
-   gathering the x row of token sorted_slots[p] // k inside the GEMM (no permuted copy of x); the epilogue forms
-   h = silu(gate) * up and stores h, and gate and up when the backward needs them, in x's dtype.
+1. `moe_glu_up`: one kernel computes both up projections of a tile with one dot per K-step on a B tile that
+   interleaves rows of w1_e and v1_e (one fp32 accumulator, split for the epilogue), gathering the x row of token
+   sorted_slots[p] // k inside the GEMM (no permuted copy of x); the epilogue forms h = silu(gate) * up and stores
+   h, and gate and up when the backward needs them, in x's dtype.
 2. `moe_down`: y[s] = weights.flat[s] * (h[p] @ w2_e) for s = sorted_slots[p], the routing weight applied to the fp32
    accumulator and the row scattered back to slot order; y stays float32 so that the output is rounded only once.
 3. `moe_combine`: out[t] = sum_j y[t*k + j], summed in fp32 in slot order and rounded once to x's dtype.
@@ -49,32 +50,33 @@ _COMBINE_BLOCK_H = 1024
 
 
 def _up_configs() -> dict[str, list]:
-    """Tiles per GEMM class (see moe_tiles.py) for the two-accumulator up kernel.
+    """Tiles per GEMM class (see moe_tiles.py) for the up kernel. BLOCK_N is the width of its [w1|v1] B tile and of
+    its MMA: a program computes BLOCK_N // 2 columns of h.
 
-    16 bits: large-T tiles first (the first is the pinned one), then decode tiles. Each program holds two fp32
-    accumulators, so a BLOCK_M x BLOCK_N tile does the work of a BLOCK_M x 2*BLOCK_N matmul tile: 128x64 and 64x128
-    here match the single-GEMM 128x128 class, while 128x128 spills (sm_80 and sm_90) and BLOCK_N = 256 does not fit at
-    all. Decode tiles keep BLOCK_M = 64, the smallest M-tile wgmma takes: with a handful of tokens each chosen expert
-    then has exactly one M-tile, so its weights are read once, and narrow N-tiles with deep K-steps spread that read
-    over many programs. tf32 and fp32_dot take the backward's tiles for its two-accumulator GEMMs.
+    16 bits: large-T tiles first (the first is the pinned one: m64n256 wgmma per warpgroup, the x tile read from
+    shared memory once per 256 MMA columns), then decode tiles. 128x256 fits only with the epilogue split in column
+    halves (sm_80 and Triton 3.6's ptxas reach 255 registers), 4-warp 128x128 spills on sm_80. Decode tiles keep
+    BLOCK_M = 64, the smallest M-tile wgmma takes: with a handful of tokens each chosen expert then has exactly one
+    M-tile, so its weights are read once, and narrow N-tiles with deep K-steps spread that read over many programs.
+    fp32_dot: 32x128 at 4 warps spills with Triton 3.6 on sm_90, hence 8 warps.
     """
     return {
         "16bit": [
-            config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-            config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-            config(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1),
+            config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
         ],
         "tf32": [
-            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-            config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
-            config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+            config(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+            config(8, 2, BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
         ],
     }
 
@@ -102,6 +104,20 @@ def _down_configs() -> dict[str, list]:
             config(4, 2, BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
         ],
     }
+
+
+@triton.jit
+def _glu_store(acc, h_ptr, gate_ptr, up_ptr, out_rows, cols, row_mask, ffn, SAVE_PREACT: tl.constexpr):
+    """Stores h = silu(gate) * up, and gate and up when SAVE_PREACT, of an accumulator whose columns interleave
+    gate and up (2j and 2j + 1 are column cols[j]); out_rows [BLOCK_M, 1] the rows' int64 offsets."""
+    gate, up = tl.split(tl.reshape(acc, (acc.shape[0], acc.shape[1] // 2, 2)))
+    h = gate * tl.sigmoid(gate) * up
+    out_offs = out_rows + cols
+    out_mask = row_mask[:, None] & (cols < ffn)
+    tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE_PREACT:
+        tl.store(gate_ptr + out_offs, gate.to(gate_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(up_ptr + out_offs, up.to(up_ptr.dtype.element_ty), mask=out_mask)
 
 
 # The row count changes every call: not specialized (on 1 or on divisibility by 16), so a new length reuses the
@@ -137,42 +153,48 @@ def _moe_glu_up_fwd_kernel(
 ):
     """h[p, n] = silu(x[tok] @ w1_e[n]) * (x[tok] @ v1_e[n]) for sorted rows p of expert e, tok = sorted_slots[p] // k.
 
-    h, gate and up are contiguous [num_rows, ffn]."""
+    One dot per K-step: the B tile holds BLOCK_N // 2 rows of w1_e and the same rows of v1_e, interleaved (column
+    2j is w1_e[n_j], column 2j + 1 is v1_e[n_j]), so the MMA is BLOCK_N wide and the x tile is read once per K-step.
+    The accumulator's (gate, up) column pairs sit side by side in a thread's registers, so the split is free.
+    h, gate and up are contiguous [num_rows, ffn]; a program owns BLOCK_N // 2 of their columns."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N // 2), GROUP_M)
     expert, rows, slots, row_mask = tile_rows(
         pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
     )
     if expert < 0:
         return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < ffn
     ks = tl.arange(0, BLOCK_K)
     tokens = (slots // top_k).to(tl.int64)
-    w_rows = (expert * ffn + cols).to(tl.int64)
     x_ptrs = x_ptr + tokens[:, None] * stride_x_t + ks[None, :] * stride_x_h
-    # w1_e.T as a [BLOCK_K, BLOCK_N] tile read straight from the [E*F, H] layout.
-    w1_ptrs = w1_ptr + w_rows[None, :] * stride_w1_r + ks[:, None] * stride_w1_h
-    v1_ptrs = v1_ptr + w_rows[None, :] * stride_v1_r + ks[:, None] * stride_v1_h
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # [w1_e | v1_e].T as one interleaved [BLOCK_K, BLOCK_N] tile read straight from the two [E*F, H] layouts.
+    pair = tl.arange(0, BLOCK_N)
+    is_up = (pair % 2 == 1)[None, :]
+    w_cols = pid_n * (BLOCK_N // 2) + pair // 2
+    w_rows = (expert * ffn + w_cols).to(tl.int64)[None, :]
+    w_ptrs = tl.where(
+        is_up,
+        v1_ptr + w_rows * stride_v1_r + ks[:, None] * stride_v1_h,
+        w1_ptr + w_rows * stride_w1_r + ks[:, None] * stride_w1_h,
+    )
+    w_step = tl.where(is_up, BLOCK_K * stride_v1_h, BLOCK_K * stride_w1_h)
+    w_col_mask = (w_cols < ffn)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_mask = ks < hidden - k0
         x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_gate = dot(x_tile, tl.load(w1_ptrs, mask=w_mask, other=0.0), acc_gate, FP32_DOT)
-        acc_up = dot(x_tile, tl.load(v1_ptrs, mask=w_mask, other=0.0), acc_up, FP32_DOT)
+        w_tile = tl.load(w_ptrs, mask=k_mask[:, None] & w_col_mask, other=0.0)
+        acc = dot(x_tile, w_tile, acc, FP32_DOT)
         x_ptrs += BLOCK_K * stride_x_h
-        w1_ptrs += BLOCK_K * stride_w1_h
-        v1_ptrs += BLOCK_K * stride_v1_h
+        w_ptrs += w_step
 
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    out_offs = rows.to(tl.int64)[:, None] * ffn + cols[None, :]
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
-    if SAVE_PREACT:
-        tl.store(gate_ptr + out_offs, acc_gate.to(gate_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(up_ptr + out_offs, acc_up.to(up_ptr.dtype.element_ty), mask=out_mask)
+    # The epilogue runs on the two column halves of the tile in turn, so that it holds half as many fp32 values a
+    # thread (a 128x256 tile is 128 registers a thread at 8 warps before the GLU).
+    acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    out_rows = rows.to(tl.int64)[:, None] * ffn
+    cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 4)[None, :]
+    _glu_store(acc_lo, h_ptr, gate_ptr, up_ptr, out_rows, cols, row_mask, ffn, SAVE_PREACT)
+    _glu_store(acc_hi, h_ptr, gate_ptr, up_ptr, out_rows, cols + BLOCK_N // 4, row_mask, ffn, SAVE_PREACT)
 
 
 @triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
@@ -296,7 +318,10 @@ def moe_glu_up(
         return h, gate, up
 
     def grid(meta):
-        return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]),)
+        # A program owns BLOCK_N // 2 columns of h (its B tile holds those rows of w1 and of v1).
+        return (
+            num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"] // 2),
+        )
 
     cls, fp32_dot = gemm_class(x.dtype)
     launch(

@@ -13,8 +13,9 @@ Two grouped GEMMs over the sorted rows, each with a fused prologue or epilogue:
    kernel sums in tile order into dweights (no atomics). With dh = weights.flat[s] * dh' it stores
    dgate = dh * up * silu'(gate) and dup = dh * silu(gate), and (store_h) hw = weights.flat[s] * h, so that dw2
    (kernels/moe_weight_grads.py) is a plain GEMM instead of recomputing h once per H-tile.
-2. `moe_up_dgrad`: dx_slot[s] = dgate[p] @ w1_e + dup[p] @ v1_e (two dots into one fp32 accumulator), stored per slot
-   in float32; the forward's `moe_combine` then sums each token's k slots in slot order and rounds once.
+2. `moe_up_dgrad`: dx_slot[s] = dgate[p] @ w1_e + dup[p] @ v1_e (two K loops back to back into one fp32
+   accumulator, one dot per K-step so that the MMA pipeline never drains inside a loop), stored per slot in
+   float32; the forward's `moe_combine` then sums each token's k slots in slot order and rounds once.
 
 The M grids are the upper bound `num_m_tiles_upper_bound` mapped through `expert_tile` (no host synchronisation).
 Every sum has a fixed order, so results are bitwise reproducible for a given autotune config. Every row and slot read
@@ -88,14 +89,16 @@ def _down_bwd_configs() -> dict[str, list]:
 
 
 def _up_dgrad_configs() -> dict[str, list]:
-    """dx_slot = dgate @ w1_e + dup @ v1_e tiles (M = rows, N = H, K = F). Four operand tiles per K-step: a 16-bit
-    128x128 tile takes BLOCK_K = 32, as three stages of BLOCK_K = 64 exceed sm_80's shared memory and two spill."""
+    """dx_slot = dgate @ w1_e + dup @ v1_e tiles (M = rows, N = H, K = F), two operand tiles per K-step (the two K
+    loops run one after the other). The pinned 16-bit tile takes 128 registers on sm_90, two blocks per SM; 4-warp
+    64x128 with BLOCK_K = 128 spills on sm_80."""
     return {
         "16bit": [
-            config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-            config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            config(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         ],
         "tf32": [
             config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
@@ -286,6 +289,40 @@ def _moe_sum_partials_kernel(partial_ptr, dweights_ptr, num_rows, num_partials, 
     tl.store(dweights_ptr + slots, acc, mask=mask)
 
 
+@triton.jit
+def _accumulate_rows_times_expert(
+    acc,
+    a_ptr,
+    b_ptr,
+    rows64,
+    row_mask,
+    expert,
+    cols,
+    col_mask,
+    ffn,
+    stride_a_p,
+    stride_a_f,
+    stride_b_r,
+    stride_b_h,
+    FP32_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc + a[rows] @ b_e[:, cols] over K = ffn: a [num_rows, ffn] (sorted order), b [E*F, H] with b_e its rows
+    e*F:(e+1)*F. One dot per K-step, so the MMA pipeline stays full (two dots into one accumulator would drain it
+    between them)."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows64[:, None] * stride_a_p + ks[None, :] * stride_a_f
+    b_ptrs = b_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_b_r + cols[None, :] * stride_b_h
+    for k0 in range(0, ffn, BLOCK_K):
+        k_mask = ks < ffn - k0
+        a_tile = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(a_tile, b_tile, acc, FP32_DOT)
+        a_ptrs += BLOCK_K * stride_a_f
+        b_ptrs += BLOCK_K * stride_b_r
+    return acc
+
+
 @triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
 def _moe_up_dgrad_kernel(
     dgate_ptr,
@@ -316,7 +353,8 @@ def _moe_up_dgrad_kernel(
 ):
     """dx_slot[s, n] = dgate[p] @ w1_e[:, n] + dup[p] @ v1_e[:, n] for sorted rows p of expert e, s = sorted_slots[p].
 
-    dx_slot is contiguous float32 [num_rows, hidden] in slot order."""
+    Two K loops back to back into one accumulator (the dgate @ w1_e term, then the dup @ v1_e one), each one dot per
+    K-step. dx_slot is contiguous float32 [num_rows, hidden] in slot order."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert, rows, slots, row_mask = tile_rows(
@@ -326,25 +364,45 @@ def _moe_up_dgrad_kernel(
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
-    dgate_ptrs = dgate_ptr + rows64[:, None] * stride_dgate_p + ks[None, :] * stride_dgate_f
-    dup_ptrs = dup_ptr + rows64[:, None] * stride_dup_p + ks[None, :] * stride_dup_f
-    w_rows = (expert * ffn + ks).to(tl.int64)
-    w1_ptrs = w1_ptr + w_rows[:, None] * stride_w1_r + cols[None, :] * stride_w1_h
-    v1_ptrs = v1_ptr + w_rows[:, None] * stride_v1_r + cols[None, :] * stride_v1_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, ffn, BLOCK_K):
-        k_mask = ks < ffn - k0
-        a_mask = row_mask[:, None] & k_mask[None, :]
-        b_mask = k_mask[:, None] & col_mask[None, :]
-        acc = dot(tl.load(dgate_ptrs, mask=a_mask, other=0.0), tl.load(w1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
-        acc = dot(tl.load(dup_ptrs, mask=a_mask, other=0.0), tl.load(v1_ptrs, mask=b_mask, other=0.0), acc, FP32_DOT)
-        dgate_ptrs += BLOCK_K * stride_dgate_f
-        dup_ptrs += BLOCK_K * stride_dup_f
-        w1_ptrs += BLOCK_K * stride_w1_r
-        v1_ptrs += BLOCK_K * stride_v1_r
+    acc = _accumulate_rows_times_expert(
+        acc,
+        dgate_ptr,
+        w1_ptr,
+        rows64,
+        row_mask,
+        expert,
+        cols,
+        col_mask,
+        ffn,
+        stride_dgate_p,
+        stride_dgate_f,
+        stride_w1_r,
+        stride_w1_h,
+        FP32_DOT,
+        BLOCK_K,
+    )
+    acc = _accumulate_rows_times_expert(
+        acc,
+        dup_ptr,
+        v1_ptr,
+        rows64,
+        row_mask,
+        expert,
+        cols,
+        col_mask,
+        ffn,
+        stride_dup_p,
+        stride_dup_f,
+        stride_v1_r,
+        stride_v1_h,
+        FP32_DOT,
+        BLOCK_K,
+    )
 
+    # The slots again, here rather than kept live (in the store's layout, 16 a thread) across both K loops.
+    _, _, slots, row_mask = tile_rows(pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M)
     out_offs = slots.to(tl.int64)[:, None] * hidden + cols[None, :]
     tl.store(dx_slot_ptr + out_offs, acc, mask=row_mask[:, None] & col_mask[None, :])
 

@@ -162,16 +162,12 @@ def test_moe_specs_cover_every_config_in_every_mode():
                     assert want in found, f"{name}[{cls}]: no compile spec for {want}"
 
 
-# Each MoE GEMM's large-T reading on sm_90 (issue 7, deliverable 6). The marks are today's known failures, exactly:
-# strict, so that a fix shows as XPASS (remove the mark) and any other kernel or check that regresses fails.
+# Each MoE GEMM's large-T reading on sm_90 (issue 7, deliverable 6): every check passes for every MoE GEMM, so a
+# kernel that regresses (an n64 MMA, a wait-all or an MMA drain in its main loop) fails here.
 _PERF_CHECKS = {
     "n128": lambda r: min(r.wgmma_n) >= 128,
     "no_wait_all": lambda r: r.loop_waits_all is False,
     "no_mma_drain": lambda r: r.loop_drains_mma is False,
-}
-_PERF_KNOWN = {
-    ("moe_glu_up", "n128"): "issue 7: gate and up are separate n64 dots (deliverable 4)",
-    ("moe_up_dgrad", "no_mma_drain"): "issue 7: two dots into one accumulator drain wgmma (deliverable 3)",
 }
 _MOE_GEMMS = ("moe_glu_up", "moe_down", "moe_down_bwd", "moe_up_dgrad", "moe_down_wgrad", "moe_up_wgrad")
 
@@ -198,13 +194,7 @@ def _large_t_specs(kernel_name: str) -> list[CompileSpec]:
 
 @pytest.mark.parametrize(
     ("kernel_name", "check"),
-    [
-        pytest.param(
-            k, c, marks=[pytest.mark.xfail(strict=True, reason=_PERF_KNOWN[k, c])] if (k, c) in _PERF_KNOWN else []
-        )
-        for k in _MOE_GEMMS
-        for c in _PERF_CHECKS
-    ],
+    [(k, c) for k in _MOE_GEMMS for c in _PERF_CHECKS],
 )
 def test_moe_large_t_configs_are_fast_on_sm90(registry_records, kernel_name, check):
     specs = _large_t_specs(kernel_name)
