@@ -10,14 +10,16 @@ holds them), and for one call of at most 10 minutes. Stages, each run even when 
    `pip install --no-index --no-build-isolation --no-deps -e .`, else an overlay folder whose dbrx_fast/ links this
    checkout's package files and kernels/ (the wheel's layout) and is put first on sys.path.
 2. tests: `pytest -m "gpu or interpreter"` (xdist workers when pytest-xdist is there: the tier is bound by Triton's
-   compiler, one core a compile), capped at --tests-timeout seconds -> tests.log, junit.xml.
+   compiler, one core a compile), capped at --tests-timeout seconds -> tests.log (JUnit XML kept aside: the summary
+   has its counts and failures).
 3. bench: benchmarks/bench_moe.py at DBRX's widths (H 6144, F 10752, E 16, k 4), bf16, T = 1 ... 16384, forward and
    full, stock / torch_grouped / dbrx_fast, capped at --bench-timeout seconds -> bench.log, results/<device>/moe.jsonl
    (rows are appended as each T finishes, so a run stopped at the cap keeps what it measured); then the benchmarks
-   of MORE_BENCHES, each its own stage with its own cap (bench_attention 90 s, bench_qkv 45 s,
-   bench_decode 60 s) -> results/<device>/<subject>.jsonl.
-4. report.md (benchmarks/report.py over those results) and summary.txt (machine, versions, each stage's outcome,
-   test counts and failures); summary and report are printed last.
+   of MORE_BENCHES, each its own stage with its own cap (bench_attention, bench_qkv,
+   bench_decode) -> results/<device>/<subject>.jsonl.
+4. summary.txt: the report (benchmarks/report.py over those results), then machine, versions, each stage's outcome,
+   test counts and failures; printed last. Files: env.txt, tests.log, bench.log, summary.txt and one results file a
+   benchmark, 8 in all, the most that a device call brings back.
 
 The bench's time, estimated for one H100/H200 from ~600 TFLOP/s bf16 and ~3.5 TB/s: its steps are short (the largest,
 T = 16384 full, is 78 TFLOP: ~0.15 s; decode steps read the 6.3 GB of expert weights: ~2 ms), so the do_bench calls of
@@ -25,10 +27,10 @@ T = 16384 full, is 78 TFLOP: ~0.15 s; decode steps read the 6.3 GB of expert wei
 (bf16: 7 + 7 forward, ~16 backward; ~2-3 s each, once, as the row count is not specialized on) and
 autotuning each of 6 row-count buckets (~30 configs x ~0.2-0.5 s each). Estimate 3-5 minutes in all: the cap can
 cut the last rows (each T's rows are appended as it finishes). Then the benchmarks of MORE_BENCHES, each its own stage
-with its own cap, into the same bench.log and results/<device>/<name>.jsonl. The stages' caps and the set-up (~30 s)
-keep the whole run under 10 minutes.
+with its own cap, into the same bench.log and results/<device>/<name>.jsonl. The stages' caps (tests 150, MoE 220,
+attention 75, qkv 35, decode 50 s) and the set-up (~30 s) keep the whole run under 10 minutes.
 
-Exits 0 only when every stage passed. Writes 8 files, the most that a device call brings back.
+Exits 0 only when every stage passed.
 """
 
 import argparse
@@ -58,15 +60,15 @@ DRY_BENCH = ("--smoke", "--tokens", "3", "--modes", "forward", "--providers", "t
 # sub-millisecond steps, plus compiling and autotuning the fused kernel's 5 configs forward and backward: ~20 s.
 MORE_BENCHES = (
     (
-        "bench attention",
+        "bench_attention",
         "benchmarks.bench_attention",
         ("--lengths", "1024", "4096", "16384"),
         ("--smoke", "--lengths", "20", "--modes", "forward", "--providers", "sdpa_flash", "dbrx_fast"),
-        90,
+        75,
     ),
-    ("bench_qkv", "benchmarks.bench_qkv", (), ("--smoke", "--tokens", "3", "--modes", "forward"), 45),
+    ("bench_qkv", "benchmarks.bench_qkv", (), ("--smoke", "--tokens", "3", "--modes", "forward"), 35),
     (
-        "bench decode",
+        "bench_decode",
         "benchmarks.bench_decode",
         (
             "--contexts",
@@ -80,7 +82,7 @@ MORE_BENCHES = (
             "dbrx_fast_static",
         ),
         ("--smoke", "--contexts", "17", "--batches", "1", "--providers", "sdpa_gqa", "dbrx_fast"),
-        60,
+        50,
     ),
 )
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "numpy", "pytest", "pytest-xdist", "setuptools")
@@ -266,8 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="folder for logs, results and the report (created)")
     p.add_argument("--commit", help="git commit to stamp on the result rows (the device's copy may have no .git)")
     p.add_argument("--skip", nargs="+", choices=("tests", "bench"), default=[], help="leave these stages out")
-    p.add_argument("--tests-timeout", type=float, default=180, help="cap on the test stage, seconds")
-    p.add_argument("--bench-timeout", type=float, default=270, help="cap on the MoE benchmark stage, seconds")
+    p.add_argument("--tests-timeout", type=float, default=150, help="cap on the test stage, seconds")
+    p.add_argument("--bench-timeout", type=float, default=220, help="cap on the MoE benchmark stage, seconds")
     p.add_argument("--workers", type=int, help="pytest-xdist workers (0: none; default with a GPU: all cores but 2)")
     p.add_argument("--overlay", action="store_true", help="use the overlay even when dbrx_fast is installed")
     p.add_argument(
@@ -292,6 +294,7 @@ def main(argv=None) -> int:
 def _run(args, check: Check) -> int:
     out = check.out
     started = time.monotonic()
+    report = ""  # benchmarks/report.py's tables, at the top of summary.txt
     found_versions = versions()
     with (out / "env.txt").open("w") as f:
         f.write(f"gpu-check of {ROOT}, commit {args.commit or 'not given'}\n{json.dumps(found_versions)}\n\n")
@@ -307,7 +310,7 @@ def _run(args, check: Check) -> int:
                 has_xdist = found_versions["pytest-xdist"] != "absent"
                 workers = max(1, (os.cpu_count() or 1) - 2) if found["cuda"] and has_xdist else 0
             tests = ["-m", "pytest", str(ROOT / "tests"), "-m", GPU_TIER, "-v", "-rfEs", "--durations=20"]
-            tests += [f"--junitxml={out / 'junit.xml'}", *(["-n", str(workers)] if workers else [])]
+            tests += [f"--junitxml={check.cwd / 'junit.xml'}", *(["-n", str(workers)] if workers else [])]
             tests += DRY_TESTS if args.dry_run else []
             check.run("tests", python(*tests), out / "tests.log", args.tests_timeout)
         if "bench" not in args.skip:
@@ -320,9 +323,9 @@ def _run(args, check: Check) -> int:
             for stage, module, full, dry, cap in MORE_BENCHES:
                 more = ["-m", module, "--out", str(out / "results"), *(dry if args.dry_run else full)]
                 check.run(stage, python(*more), out / "bench.log", cap)
-            with (out / "report.md").open("w") as f:
-                report = python("-m", "benchmarks.report", str(out / "results"), "--no-plots")
-                done = subprocess.run(report, stdout=f, stderr=subprocess.STDOUT, cwd=check.cwd, env=check.env)
+            report_cmd = python("-m", "benchmarks.report", str(out / "results"), "--no-plots")
+            done = subprocess.run(report_cmd, capture_output=True, text=True, cwd=check.cwd, env=check.env)
+            report = done.stdout + done.stderr
             check.record("report", done.returncode == 0, f"exit {done.returncode}", 0)
 
     failed = check.failed()
@@ -333,13 +336,12 @@ def _run(args, check: Check) -> int:
     lines.append(f"commit: {args.commit or 'not given (rows carry what git says, or unknown)'}")
     lines += [f"stage {name}: {'ok' if ok else 'FAILED'}, {what} ({s:.0f} s)" for name, ok, what, s in check.stages]
     if (out / "tests.log").exists():
-        lines.append("tests: " + junit_summary(out / "junit.xml"))
+        lines.append("tests: " + junit_summary(check.cwd / "junit.xml"))
     lines.append(f"total {time.monotonic() - started:.0f} s; files in {out}:")
     lines += [f"  {p.relative_to(out)}" for p in sorted(out.rglob("*")) if p.is_file() and p.name != "summary.txt"]
     summary = "\n".join(lines) + "\n  summary.txt\n"
-    (out / "summary.txt").write_text(summary)
-    if (out / "report.md").exists():
-        print((out / "report.md").read_text())
+    (out / "summary.txt").write_text(report + "\n" + summary)
+    print(report)
     print(summary, end="")
     return 1 if failed else 0
 
