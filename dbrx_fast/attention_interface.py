@@ -38,8 +38,9 @@ from .backend import check_capturable, choose_path, warn_once
 
 NAME = "dbrx_fast"
 DECODE_MAX_QUERIES = 8  # the decode kernel's limit
-# Head dims the Triton attention kernels serve (powers of two; the decode kernel's floor is 16).
-TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Head dims every Triton attention kernel serves: attention_fwd.HEAD_DIMS (a test ties them; importing the kernels
+# here would need Triton on the torch path too).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 class PreparedAttentionMask(AttentionMask):

@@ -116,6 +116,8 @@ class FastDbrxAttention(DbrxAttention):
                     q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)
                 else:  # k and v straight into the StaticCache, as StaticLayer.update would put them, without its copy
                     rows = layer.cumulative_length + torch.arange(qkv.shape[1], device=qkv.device)
+                    # As StaticLayer.update's index_copy_ fails past the cache, without a host sync (graph capture).
+                    torch._assert_async(rows[-1] < layer.keys.shape[2], "dbrx_fast: tokens past the StaticCache")
                     q, k, v = qkv_rope(
                         qkv,
                         cos,
@@ -162,8 +164,7 @@ class FastDbrxAttention(DbrxAttention):
 def _static_layer(cache, layer_idx: int, qkv: torch.Tensor) -> StaticLayer | None:
     """The StaticCache layer the QKV kernel can write k and v into directly: a plain StaticLayer, already allocated
     (the first update allocates it), on qkv's device and in its dtype, of a cache that does not offload, in a no-grad
-    call; else None, and `cache.update` runs. Rows past `max_cache_len` are not written (the kernel does not check
-    on the host: that would sync), where StaticLayer.update raises an IndexError on the CPU."""
+    call; else None, and `cache.update` runs."""
     layers = getattr(cache, "layers", None)
     if torch.is_grad_enabled() or getattr(cache, "offloading", False) or not layers or layer_idx >= len(layers):
         return None

@@ -97,6 +97,29 @@ def test_triton_static_cache_generate_matches_stock_and_decode_reads_the_cache_s
     assert all(call[6] is k for call, (_, k, *_) in zip(qkv_calls.calls[1:], decode.calls, strict=True))
 
 
+@pytest.mark.interpreter
+def test_triton_static_cache_write_past_its_end_raises():
+    """Stock's StaticLayer.update fails on tokens past max_cache_len (index_copy_); the direct cache write must too,
+    not drop them silently."""
+    from transformers import StaticCache
+
+    patched, _ = models("sdpa", "triton")
+    ids = torch.randint(1, 97, (1, 4))
+    cache = StaticCache(config=patched.config, max_cache_len=5)
+    with torch.no_grad():
+        patched(ids, past_key_values=cache, use_cache=True)  # allocates the cache: 4 of 5 slots
+        with pytest.raises(RuntimeError, match="past the StaticCache"):
+            patched(ids[:, :2], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.interpreter
+def test_head_dims_routed_to_the_kernels_are_the_ones_every_kernel_serves():
+    from dbrx_fast.kernels import attention_bwd, attention_decode, attention_fwd
+
+    assert attention_interface.TRITON_HEAD_DIMS == attention_fwd.HEAD_DIMS == attention_bwd.HEAD_DIMS
+    assert max(attention_interface.TRITON_HEAD_DIMS) <= attention_decode.MAX_HEAD_DIM
+
+
 def packed_batch():
     """Row 0 packs sequences of 5, 7 and 3 tokens; row 1 is one sequence of 15."""
     ids = torch.randint(1, 97, (2, 15))
