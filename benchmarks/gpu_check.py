@@ -17,8 +17,8 @@ holds them), and for one call of at most 10 minutes. Stages, each run even when 
    (rows are appended as each T finishes, so a run stopped at the cap keeps what it measured); then the benchmarks
    of MORE_BENCHES, each its own stage with its own cap (bench_attention, bench_qkv,
    bench_decode) -> results/<device>/<subject>.jsonl.
-4. summary.txt: the report (benchmarks/report.py over those results), then machine, versions, each stage's outcome,
-   test counts and failures; printed last. Files: env.txt, tests.log, bench.log, summary.txt and one results file a
+4. summary.txt: machine, versions, each stage's outcome, test counts and failures, then the report
+   (benchmarks/report.py over those results); the report and then the summary are printed last. Files: env.txt, tests.log, bench.log, summary.txt and one results file a
    benchmark, 8 in all, the most that a device call brings back.
 
 The bench's time, estimated for one H100/H200 from ~600 TFLOP/s bf16 and ~3.5 TB/s: its steps are short (the largest,
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
 def _run(args, check: Check) -> int:
     out = check.out
     started = time.monotonic()
-    report = ""  # benchmarks/report.py's tables, at the top of summary.txt
+    report = ""  # benchmarks/report.py's tables, at the end of summary.txt
     found_versions = versions()
     with (out / "env.txt").open("w") as f:
         f.write(f"gpu-check of {ROOT}, commit {args.commit or 'not given'}\n{json.dumps(found_versions)}\n\n")
@@ -340,7 +340,7 @@ def _run(args, check: Check) -> int:
     lines.append(f"total {time.monotonic() - started:.0f} s; files in {out}:")
     lines += [f"  {p.relative_to(out)}" for p in sorted(out.rglob("*")) if p.is_file() and p.name != "summary.txt"]
     summary = "\n".join(lines) + "\n  summary.txt\n"
-    (out / "summary.txt").write_text(report + "\n" + summary)
+    (out / "summary.txt").write_text(summary + "\n" + report)
     print(report)
     print(summary, end="")
     return 1 if failed else 0
