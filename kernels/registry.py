@@ -2,7 +2,15 @@
 
 import importlib
 
-KERNEL_MODULES = ("rope", "layernorm", "moe_routing", "moe_experts", "moe_input_grads", "moe_weight_grads")
+KERNEL_MODULES = (
+    "rope",
+    "layernorm",
+    "moe_routing",
+    "moe_experts",
+    "moe_input_grads",
+    "moe_weight_grads",
+    "attention_bwd",
+)
 
 
 def all_compile_specs():
