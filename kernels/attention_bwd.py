@@ -40,17 +40,19 @@ _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DELTA_BLOCK_M = 64
 
 # Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds two
-# [BLOCK_N, D] fp32 accumulators and the dQ program one [BLOCK_M, D], which with the [BLOCK_M, BLOCK_N] score and
-# probability tiles decide the registers; fp32_dot runs its dots on CUDA cores with operands in registers.
+# [BLOCK_N, D] fp32 accumulators and its K and V tiles, the dQ program one accumulator and its Q and dO tiles; at
+# D = 128 those leave room for little else, so these are the tiles that compile without spills on sm_80 and sm_90
+# with Triton 3.6 and 3.9 (BLOCK_N = 64 keys is also the least for wgmma in the dK/dV dots, BLOCK_M = 64 queries
+# in the dQ dots). Three stages keep two loads in flight during the MMA; fp32_dot runs its dots on CUDA cores.
 _DKDV_CONFIGS = {
-    "16bit": [config(8, 2, BLOCK_M=64, BLOCK_N=128), config(4, 2, BLOCK_M=32, BLOCK_N=64)],
-    "tf32": [config(8, 2, BLOCK_M=32, BLOCK_N=128), config(4, 2, BLOCK_M=32, BLOCK_N=64)],
-    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=32)],
+    "16bit": [config(8, 3, BLOCK_M=32, BLOCK_N=64)],
+    "tf32": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
+    "fp32_dot": [config(8, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _DQ_CONFIGS = {
-    "16bit": [config(8, 2, BLOCK_M=128, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32)],
-    "tf32": [config(8, 2, BLOCK_M=128, BLOCK_N=32), config(4, 2, BLOCK_M=64, BLOCK_N=32)],
-    "fp32_dot": [config(4, 1, BLOCK_M=32, BLOCK_N=16)],
+    "16bit": [config(8, 3, BLOCK_M=64, BLOCK_N=64), config(4, 3, BLOCK_M=64, BLOCK_N=32)],
+    "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=32), config(4, 3, BLOCK_M=64, BLOCK_N=16)],
+    "fp32_dot": [config(8, 1, BLOCK_M=32, BLOCK_N=16), config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
 
@@ -124,19 +126,28 @@ def _dkdv_tile(
     offs_d = tl.arange(0, HEAD_DIM)
     q_valid = offs_m < num_queries
     rows = offs_m.to(tl.int64)
-    q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=q_valid[None, :], other=0.0)
-    do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=q_valid[:, None], other=0.0)
-    lse2, delta = _row_stats(lse_row, delta_row, offs_m, q_valid)
-    s_t = dot(k, q_t, tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
-    p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
-    if MASKED:
-        # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
-        allowed = keys_allowed(offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START)
-        p_t = tl.where(tl.trans(allowed), p_t, 0.0)
-    dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
-    dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
+    visible = True
+    if HAS_KEY_START:
+        # Packing: a block whose queries' sequences all start after these keys adds nothing, and with many short
+        # sequences that is most blocks; skipping them keeps the work to the sequences' own triangles.
+        starts = tl.load(key_start_row + offs_m, mask=q_valid, other=2**30)
+        visible = tl.min(starts) <= tl.max(offs_n)
+    if visible:
+        q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=q_valid[None, :], other=0.0)
+        do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=q_valid[:, None], other=0.0)
+        lse2, delta = _row_stats(lse_row, delta_row, offs_m, q_valid)
+        s_t = dot(k, q_t, tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        if MASKED:
+            # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
+            allowed = keys_allowed(
+                offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START
+            )
+            p_t = tl.where(tl.trans(allowed), p_t, 0.0)
+        dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+        dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
     return dk, dv
 
 
