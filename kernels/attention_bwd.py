@@ -20,7 +20,9 @@ kernels/attention_mask.keys_allowed); the dK/dV kernel applies the padding mask 
 a masked key's gradients are zero whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients.
 
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
-sm_90 main loops must run on wgmma. Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32.
+sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
+other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
+Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (whose dK/dV tiles still spill on some targets).
 """
 
 import inspect
@@ -34,7 +36,7 @@ from .compile_spec import CompileSpec
 from .launch import launch
 from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DELTA_BLOCK_M = 64
@@ -93,7 +95,7 @@ def _row_stats(lse_row, delta_row, offs_m, q_valid):
     lse = tl.load(lse_row + offs_m, mask=q_valid, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_row + offs_m, mask=q_valid, other=0.0)
-    return lse * 1.4426950408889634, delta
+    return lse * LOG2E, delta
 
 
 @triton.jit
@@ -210,7 +212,7 @@ def _attention_bwd_dkdv_kernel(
         masked_end = num_queries
     else:
         masked_end = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for i in range(group):
@@ -357,7 +359,7 @@ def _attention_bwd_dq_kernel(
         unmasked_end = lo
     else:
         unmasked_end = tl.maximum(tl.minimum(m0 + q_offset + 1, num_keys), 0) // BLOCK_N * BLOCK_N
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for n0 in range(lo, unmasked_end, BLOCK_N):
         dq = _dq_tile(

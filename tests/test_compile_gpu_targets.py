@@ -62,8 +62,25 @@ def pytest_generate_tests(metafunc):
             names = [spec.name for spec in all_compile_specs()]
         except Exception:  # test_registry_loads reports it; here it only leaves no cases to generate
             names = []
-        cases = [(name, arch) for name in dict.fromkeys(names) for arch in ARCHS]
-        metafunc.parametrize("registry_case", cases, ids=[f"{name} sm_{arch}" for name, arch in cases])
+        cases = [
+            pytest.param((name, arch), id=f"{name} sm_{arch}", marks=_known_compile_failure(name))
+            for name in dict.fromkeys(names)
+            for arch in ARCHS
+        ]
+        metafunc.parametrize("registry_case", cases)
+
+
+# Launches known not to compile clean, by spec-name prefix. Not strict: ptxas's spills differ between Triton releases
+# and architectures, so some of these pass on some; every other spec must pass. Remove an entry once it compiles clean.
+_COMPILE_KNOWN = {
+    "attention_bwd_dkdv fp32 ": "issue 8: the fp32 dK/dV tiles (TF32 and IEEE) spill at some head dims and archs "
+    "(two fp32 [64, D] accumulators plus K and V, and the register transposes of fp32 dot operands)",
+}
+
+
+def _known_compile_failure(name: str) -> list:
+    reasons = [reason for prefix, reason in _COMPILE_KNOWN.items() if name.startswith(prefix)]
+    return [pytest.mark.xfail(strict=False, reason=reasons[0])] if reasons else []
 
 
 @pytest.fixture(scope="module")
