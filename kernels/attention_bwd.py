@@ -15,14 +15,16 @@ across programs and no float atomic is needed:
   3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
         dq += ds @ k
 Products are fp32; operands enter the dots in their storage dtype (p and ds rounded to it), fp32 as IEEE or TF32
-as kernels/moe_tiles.gemm_class decides. Only the tiles the causal diagonal, padding or packing cut are masked (with
-kernels/attention_mask.keys_allowed); the dK/dV kernel applies the padding mask to its keys once, at the end, since
-a masked key's gradients are zero whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients.
+as kernels/moe_tiles.gemm_class decides. Masks come from kernels/attention_mask.keys_allowed. The dQ kernel masks
+only the tiles the causal diagonal, padding or packing cut (a loop of its own); the dK/dV kernel runs one loop whose
+tiles past the diagonal let every key through by a select, not a branch or a second loop (two copies of its tile
+body spill), and applies the padding mask to its keys once, at the end, since a masked key's gradients are zero
+whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients.
 
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
-Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (whose dK/dV tiles still spill on some targets).
+Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32.
 """
 
 import inspect
@@ -39,23 +41,24 @@ from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DELTA_BLOCK_M = 64
+DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 
 # Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds two
 # [BLOCK_N, D] fp32 accumulators and its K and V tiles, the dQ program one accumulator and its Q and dO tiles; at
-# D = 128 those leave room for little else. These are the tiles that spill least on sm_80 and sm_90 with Triton 3.6
-# and 3.9 (tests/test_compile_gpu_targets.py lists the ones that still do); BLOCK_N = 64 keys is the least for wgmma
-# in the dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight during the MMA;
-# fp32_dot runs its dots on CUDA cores.
+# D = 128 those leave room for little else. These are the tiles that compile without spills on sm_80 and sm_90 with
+# Triton 3.6 and 3.9 (checked at D = 64 and 128, every mask variant; the fp32 dK/dV ones not everywhere, see
+# tests/test_compile_gpu_targets.py); BLOCK_N = 64 keys is the least for wgmma in the dK/dV dots, BLOCK_M = 64
+# queries in the dQ dots. Three stages keep two loads in flight during the MMA; the TF32 dK/dV tile gets one (its
+# fp32 operands leave no registers for more) and fp32_dot runs its dots on CUDA cores.
 _DKDV_CONFIGS = {
-    "16bit": [config(8, 3, BLOCK_M=32, BLOCK_N=64)],
-    "tf32": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
-    "fp32_dot": [config(8, 1, BLOCK_M=16, BLOCK_N=16)],
+    "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
+    "tf32": [config(8, 1, BLOCK_M=16, BLOCK_N=64)],
+    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _DQ_CONFIGS = {
     "16bit": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
-    "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=32), config(4, 3, BLOCK_M=64, BLOCK_N=16)],
-    "fp32_dot": [config(8, 1, BLOCK_M=32, BLOCK_N=16), config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+    "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
+    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
 
@@ -118,9 +121,9 @@ def _dkdv_tile(
     qk_scale,
     stride_q_m,
     stride_dout_m,
+    whole,
     HEAD_DIM: tl.constexpr,
     FP32_DOT: tl.constexpr,
-    MASKED: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -141,12 +144,9 @@ def _dkdv_tile(
         lse2, delta = _row_stats(lse_row, delta_row, offs_m, q_valid)
         s_t = dot(k, q_t, tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
-        if MASKED:
-            # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
-            allowed = keys_allowed(
-                offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START
-            )
-            p_t = tl.where(tl.trans(allowed), p_t, 0.0)
+        # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
+        allowed = keys_allowed(offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START)
+        p_t = tl.where(tl.trans(allowed) | whole, p_t, 0.0)
         dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
         dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -222,17 +222,11 @@ def _attention_bwd_dkdv_kernel(
         dout_head = dout_ptr + b * stride_dout_b + h * stride_dout_h
         lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
         delta_row = delta_ptr + (b * n_heads_kv * group + h) * num_queries
-        for m0 in range(lo, masked_end, BLOCK_M):
+        for m0 in range(lo, num_queries, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
-                num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m,
-                HEAD_DIM, FP32_DOT, True, HAS_KEY_START, BLOCK_M,
-            )  # fmt: skip
-        for m0 in range(masked_end, num_queries, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
-                num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m,
-                HEAD_DIM, FP32_DOT, False, HAS_KEY_START, BLOCK_M,
+                num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m, m0 >= masked_end,
+                HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M,
             )  # fmt: skip
     dk *= scale
     if HAS_KEY_MASK:

@@ -62,31 +62,8 @@ def pytest_generate_tests(metafunc):
             names = [spec.name for spec in all_compile_specs()]
         except Exception:  # test_registry_loads reports it; here it only leaves no cases to generate
             names = []
-        cases = [
-            pytest.param((name, arch), id=f"{name} sm_{arch}", marks=_known_compile_failure(name))
-            for name in dict.fromkeys(names)
-            for arch in ARCHS
-        ]
-        metafunc.parametrize("registry_case", cases)
-
-
-# Launches known not to compile clean, by spec-name prefix. Not strict: ptxas's spills differ between Triton releases
-# and architectures, so some of these pass on some; every other spec must pass. Remove an entry once it compiles clean.
-_FP32_ATTENTION_BWD = (
-    "issue 8: the fp32 attention backward tiles (TF32 and IEEE) spill at some head dims and archs (fp32 [64, D] "
-    "accumulators and operand tiles, and the register transposes of fp32 dot operands)"
-)
-_COMPILE_KNOWN = {"attention_bwd_dkdv fp32 ": _FP32_ATTENTION_BWD, "attention_bwd_dq fp32 ": _FP32_ATTENTION_BWD}
-if triton.__version__ < "3.9":
-    _COMPILE_KNOWN["attention_bwd_dkdv "] = (
-        "issue 8: Triton 3.6's ptxas 12.8 spills the 16-bit dK/dV tile (12 to 272 bytes at D = 64 on sm_80, D = 128 on "
-        "sm_80 and sm_90 without masks); 3.9's does not"
-    )
-
-
-def _known_compile_failure(name: str) -> list:
-    reasons = [reason for prefix, reason in _COMPILE_KNOWN.items() if name.startswith(prefix)]
-    return [pytest.mark.xfail(strict=False, reason=reasons[0])] if reasons else []
+        cases = [(name, arch) for name in dict.fromkeys(names) for arch in ARCHS]
+        metafunc.parametrize("registry_case", cases, ids=[f"{name} sm_{arch}" for name, arch in cases])
 
 
 @pytest.fixture(scope="module")
