@@ -24,7 +24,7 @@ whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
-Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32.
+Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (whose dK/dV tile spills at D = 128 on sm_90).
 """
 
 import inspect
@@ -46,10 +46,10 @@ DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 # Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds two
 # [BLOCK_N, D] fp32 accumulators and its K and V tiles, the dQ program one accumulator and its Q and dO tiles; at
 # D = 128 those leave room for little else. These are the tiles that compile without spills on sm_80 and sm_90 with
-# Triton 3.6 and 3.9 (checked at D = 64 and 128, every mask variant; the fp32 dK/dV ones not everywhere, see
-# tests/test_compile_gpu_targets.py); BLOCK_N = 64 keys is the least for wgmma in the dK/dV dots, BLOCK_M = 64
-# queries in the dQ dots. Three stages keep two loads in flight during the MMA; the TF32 dK/dV tile gets one (its
-# fp32 operands leave no registers for more) and fp32_dot runs its dots on CUDA cores.
+# Triton 3.6 and 3.9 at D = 64 and 128, every mask variant, but for the fp32 dK/dV tiles at D = 128 on sm_90 (TF32;
+# fp32_dot with masks under 3.6), which still spill 20 to 128 bytes. BLOCK_N = 64 keys is the least for wgmma in the
+# dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight during the MMA; the TF32
+# dK/dV tile gets one (its fp32 operands leave no registers for more) and fp32_dot runs its dots on CUDA cores.
 _DKDV_CONFIGS = {
     "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
     "tf32": [config(8, 1, BLOCK_M=16, BLOCK_N=64)],
