@@ -57,3 +57,12 @@ def keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_STA
         starts = tl.load(key_start_row + offs_q, mask=q_valid, other=0)
         lo = tl.maximum(tl.max(starts), 0)
     return lo, hi
+
+
+@triton.jit
+def query_range(k_first, k_last, q_offset, num_queries):
+    """[lo, full): by the causal rule, queries before lo see none of the keys k_first..k_last, and queries from
+    full on see all of them (lo <= full <= num_queries). Padding and packing can still hide keys from any query."""
+    lo = tl.minimum(tl.maximum(k_first - q_offset, 0), num_queries)
+    full = tl.minimum(tl.maximum(k_last - q_offset, lo), num_queries)
+    return lo, full

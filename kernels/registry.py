@@ -12,6 +12,7 @@ KERNEL_MODULES = (
     "moe_weight_grads",
     "attention_fwd",
     "attention_decode",
+    "attention_bwd",
 )
 
 

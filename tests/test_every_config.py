@@ -28,6 +28,7 @@ from triton.runtime.autotuner import Autotuner
 import dbrx_fast.kernels
 from dbrx_fast import reference
 from dbrx_fast.attention_mask import AttentionMask
+from dbrx_fast.kernels.attention_bwd import attention_bwd
 from dbrx_fast.kernels.attention_decode import attention_decode
 from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
@@ -207,6 +208,23 @@ def run_decode(configs, dtype):
     _check(out, ref, "out", dtype)
 
 
+def run_attention_bwd(configs, dtype):
+    """Causal GQA at a key offset, queries and keys one tile of the largest block plus a remainder, a small head_dim
+    (the interpreter's time goes with the tiles); out and lse from the reference, gradients against float64."""
+    queries = _max_block(configs, rows=True) + 5
+    keys = max(c.kwargs["BLOCK_N"] for c in configs) + 12
+    q = torch.randn(1, 2, queries, 16).to(dtype)
+    k, v = (torch.randn(1, 1, keys, 16).to(dtype) for _ in range(2))
+    mask = AttentionMask(torch.tensor([keys - queries], dtype=torch.int32))
+    out, lse = reference.gqa_attention(q.float(), k.float(), v.float(), mask, 0.25)
+    dout = torch.randn(out.shape).to(dtype)
+    grads = attention_bwd(dout, q, k, v, out.to(dtype), lse, mask.q_offset, None, None, 0.25)
+    (qr, kr, vr) = (t.double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(reference.gqa_attention(qr, kr, vr, mask, 0.25)[0], (qr, kr, vr), dout.double())
+    for name, g, r in zip(("q", "k", "v"), grads, ref_grads, strict=True):
+        _check(g, r, f"d{name}", dtype)
+
+
 @dataclass
 class Group:
     kernels: tuple[str, ...]
@@ -232,6 +250,7 @@ GROUPS = {
         run_moe,
     ),
     "decode": Group(("_attention_decode_split_kernel",), run_decode),
+    "attention_bwd": Group(("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"), run_attention_bwd),
 }
 
 

@@ -1,0 +1,556 @@
+"""GQA flash attention backward: dQ, dK, dV from the saved log-sum-exp, with no atomics (bitwise deterministic).
+
+Inputs as the forward (kernels/attention_fwd.py) takes and returns them: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D]
+(any strides with a unit last stride), out and dout [B, Nq, Hq, D], lse float32 [B, Hq, Nq] (natural log), and the
+mask of kernels/attention_mask.py (q_offset, key_mask, key_start). Query head h reads KV head h // (Hq / Hkv).
+Returns dq [B, Hq, Nq, D] and dk, dv [B, Hkv, Nk, D], contiguous, in q's dtype.
+
+FlashAttention-2's algorithm in three launches, each program owning the outputs it writes, so nothing is summed
+across programs and no float atomic is needed:
+  1. delta = rowsum(dout * out) in fp32, per query and head.
+  2. dK/dV: one program per (key block, KV head, batch). It loops over the Hq / Hkv query heads of its KV head and,
+     for each, over the query blocks that can see its keys, recomputing p = exp2(s * scale * log2e - lse * log2e):
+        dv += p^T @ dout        ds = p * (dout @ v^T - delta)        dk += ds^T @ q
+     so dK and dV are summed over the group in registers.
+  3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
+        dq += ds @ k
+Products are fp32; operands enter the dots in their storage dtype (p and ds rounded to it), fp32 as IEEE or TF32
+as kernels/moe_tiles.gemm_class decides. Masks come from kernels/attention_mask.keys_allowed. The dQ kernel masks
+only the tiles the causal diagonal, padding or packing cut (a loop of its own); the dK/dV kernel runs one loop whose
+tiles past the diagonal let every key through by a select, not a branch or a second loop (two copies of its tile
+body spill), and applies the padding mask to its keys once, at the end, since a masked key's gradients are zero
+whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients.
+
+Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
+sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
+other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
+Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (whose dK/dV tile spills at D = 128 on sm_90).
+"""
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_mask import key_range, keys_allowed, query_range
+from .compile_spec import CompileSpec
+from .launch import launch
+from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
+
+# Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds two
+# [BLOCK_N, D] fp32 accumulators and its K and V tiles, the dQ program one accumulator and its Q and dO tiles; at
+# D = 128 those leave room for little else. These are the tiles that compile without spills on sm_80 and sm_90 with
+# Triton 3.6 and 3.9 at D = 64 and 128, every mask variant, but for the fp32 dK/dV tiles at D = 128 on sm_90 (TF32;
+# fp32_dot with masks under 3.6), which still spill 20 to 128 bytes. BLOCK_N = 64 keys is the least for wgmma in the
+# dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight during the MMA; the TF32
+# dK/dV tile gets one (its fp32 operands leave no registers for more) and fp32_dot runs its dots on CUDA cores.
+_DKDV_CONFIGS = {
+    "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
+    "tf32": [config(8, 1, BLOCK_M=16, BLOCK_N=64)],
+    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+}
+_DQ_CONFIGS = {
+    "16bit": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
+    "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
+    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+}
+_KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
+
+
+@triton.jit(do_not_specialize=["num_queries"])
+def _attention_bwd_delta_kernel(
+    out_ptr,
+    dout_ptr,
+    delta_ptr,
+    num_queries,
+    n_heads,
+    stride_out_b,
+    stride_out_m,
+    stride_out_h,
+    stride_dout_b,
+    stride_dout_m,
+    stride_dout_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, m] = sum_d dout[b, m, h, d] * out[b, m, h, d], in fp32; delta is contiguous [B, Hq, Nq]."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m < num_queries)[:, None]
+    o = tl.load(out_ptr + b * stride_out_b + h * stride_out_h + rows * stride_out_m + offs_d[None, :], mask=mask)
+    do = tl.load(dout_ptr + b * stride_dout_b + h * stride_dout_h + rows * stride_dout_m + offs_d[None, :], mask=mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + (b * n_heads + h) * num_queries + offs_m, delta, mask=offs_m < num_queries)
+
+
+@triton.jit
+def _row_stats(lse_row, delta_row, offs_m, q_valid):
+    """lse * log2e and delta of the queries offs_m. A row that sees no key (lse -inf) and a row past the end get
+    lse +inf, so that their p = exp2(s - lse) is 0 in every tile, masked or not, and no inf or NaN arises."""
+    lse = tl.load(lse_row + offs_m, mask=q_valid, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_row + offs_m, mask=q_valid, other=0.0)
+    return lse * LOG2E, delta
+
+
+@triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    q_head,
+    dout_head,
+    lse_row,
+    delta_row,
+    key_start_row,
+    m0,
+    offs_n,
+    q_offset,
+    num_queries,
+    num_keys,
+    qk_scale,
+    stride_q_m,
+    stride_dout_m,
+    whole,
+    HEAD_DIM: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dk, dv plus the contribution of queries m0..m0+BLOCK_M of one query head to the keys offs_n."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_m < num_queries
+    rows = offs_m.to(tl.int64)
+    visible = True
+    if HAS_KEY_START:
+        # Packing: a block whose queries' sequences all start after these keys adds nothing, and with many short
+        # sequences that is most blocks; skipping them keeps the work to the sequences' own triangles.
+        starts = tl.load(key_start_row + offs_m, mask=q_valid, other=2**30)
+        visible = tl.min(starts) <= tl.max(offs_n)
+    if visible:
+        q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=q_valid[None, :], other=0.0)
+        do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=q_valid[:, None], other=0.0)
+        lse2, delta = _row_stats(lse_row, delta_row, offs_m, q_valid)
+        s_t = dot(k, q_t, tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
+        allowed = keys_allowed(offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START)
+        p_t = tl.where(tl.trans(allowed) | whole, p_t, 0.0)
+        dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+        dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["num_queries", "num_keys"])
+def _attention_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dout_ptr,
+    lse_ptr,
+    delta_ptr,
+    q_offset_ptr,
+    key_mask_ptr,
+    key_start_ptr,
+    dk_ptr,
+    dv_ptr,
+    scale,
+    num_queries,
+    num_keys,
+    n_heads_kv,
+    group,
+    stride_q_b,
+    stride_q_h,
+    stride_q_m,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_dout_b,
+    stride_dout_m,
+    stride_dout_h,
+    stride_lse_b,
+    stride_lse_h,
+    stride_key_mask_b,
+    stride_key_start_b,
+    HEAD_DIM: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_valid = offs_n < num_keys
+    keys = offs_n.to(tl.int64)[:, None]
+    kv_mask = k_valid[:, None]
+    k = tl.load(k_ptr + b * stride_k_b + hk * stride_k_h + keys * stride_k_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_v_b + hk * stride_v_h + keys * stride_v_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_offset = tl.load(q_offset_ptr + b)
+    key_start_row = key_start_ptr + b * stride_key_start_b
+    # Query blocks from `lo` to `full` meet the causal diagonal of these keys; packing can cut any block.
+    lo, full = query_range(n0, n0 + BLOCK_N - 1, q_offset, num_queries)
+    if HAS_KEY_START:
+        masked_end = num_queries
+    else:
+        masked_end = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M
+    qk_scale = scale * LOG2E
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for i in range(group):
+        h = hk * group + i
+        q_head = q_ptr + b * stride_q_b + h * stride_q_h
+        dout_head = dout_ptr + b * stride_dout_b + h * stride_dout_h
+        lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
+        delta_row = delta_ptr + (b * n_heads_kv * group + h) * num_queries
+        for m0 in range(lo, num_queries, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
+                num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m, m0 >= masked_end,
+                HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M,
+            )  # fmt: skip
+    dk *= scale
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + b * stride_key_mask_b + offs_n, mask=k_valid, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    out = (b * n_heads_kv + hk) * num_keys * HEAD_DIM + keys * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_head,
+    v_head,
+    n0,
+    offs_m,
+    q_valid,
+    q_offset,
+    num_keys,
+    qk_scale,
+    key_mask_row,
+    key_start_row,
+    stride_k_n,
+    stride_v_n,
+    HEAD_DIM: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dq plus the contribution of keys n0..n0+BLOCK_N to the queries offs_m."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_valid = offs_n < num_keys
+    keys = offs_n.to(tl.int64)[None, :]
+    k_t = tl.load(k_head + keys * stride_k_n + offs_d[:, None], mask=k_valid[None, :], other=0.0)
+    v_t = tl.load(v_head + keys * stride_v_n + offs_d[:, None], mask=k_valid[None, :], other=0.0)
+    s = dot(q, k_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASKED:
+        allowed = keys_allowed(
+            offs_m, q_valid, offs_n, q_offset, num_keys, key_mask_row, key_start_row, HAS_KEY_MASK, HAS_KEY_START
+        )
+        p = tl.where(allowed, p, 0.0)
+    dp = dot(do, v_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+    ds = p * (dp - delta[:, None])
+    return dot(ds.to(k_t.dtype), tl.trans(k_t), dq, FP32_DOT)
+
+
+@triton.jit(do_not_specialize=["num_queries", "num_keys"])
+def _attention_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dout_ptr,
+    lse_ptr,
+    delta_ptr,
+    q_offset_ptr,
+    key_mask_ptr,
+    key_start_ptr,
+    dq_ptr,
+    scale,
+    num_queries,
+    num_keys,
+    n_heads,
+    group,
+    stride_q_b,
+    stride_q_h,
+    stride_q_m,
+    stride_k_b,
+    stride_k_h,
+    stride_k_n,
+    stride_v_b,
+    stride_v_h,
+    stride_v_n,
+    stride_dout_b,
+    stride_dout_m,
+    stride_dout_h,
+    stride_lse_b,
+    stride_lse_h,
+    stride_key_mask_b,
+    stride_key_start_b,
+    HEAD_DIM: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_m < num_queries
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(
+        q_ptr + b * stride_q_b + h * stride_q_h + rows * stride_q_m + offs_d[None, :], mask=q_valid[:, None], other=0.0
+    )
+    do = tl.load(
+        dout_ptr + b * stride_dout_b + h * stride_dout_h + rows * stride_dout_m + offs_d[None, :],
+        mask=q_valid[:, None],
+        other=0.0,
+    )
+    lse2, delta = _row_stats(
+        lse_ptr + b * stride_lse_b + h * stride_lse_h, delta_ptr + (b * n_heads + h) * num_queries, offs_m, q_valid
+    )
+    q_offset = tl.load(q_offset_ptr + b)
+    key_mask_row = key_mask_ptr + b * stride_key_mask_b
+    key_start_row = key_start_ptr + b * stride_key_start_b
+    k_head = k_ptr + b * stride_k_b + hk * stride_k_h
+    v_head = v_ptr + b * stride_v_b + hk * stride_v_h
+    lo, hi = key_range(offs_m, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
+    # Key blocks before `unmasked_end` are seen whole by every query of the block (none when padding or packing
+    # can hide keys); the rest meet the causal diagonal or the end of the keys.
+    if HAS_KEY_MASK or HAS_KEY_START:
+        unmasked_end = lo
+    else:
+        unmasked_end = tl.maximum(tl.minimum(m0 + q_offset + 1, num_keys), 0) // BLOCK_N * BLOCK_N
+    qk_scale = scale * LOG2E
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for n0 in range(lo, unmasked_end, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, k_head, v_head, n0, offs_m, q_valid, q_offset, num_keys, qk_scale, key_mask_row,
+            key_start_row, stride_k_n, stride_v_n, HEAD_DIM, FP32_DOT, False, HAS_KEY_MASK, HAS_KEY_START, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(unmasked_end, hi, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, k_head, v_head, n0, offs_m, q_valid, q_offset, num_keys, qk_scale, key_mask_row,
+            key_start_row, stride_k_n, stride_v_n, HEAD_DIM, FP32_DOT, True, HAS_KEY_MASK, HAS_KEY_START, BLOCK_N,
+        )  # fmt: skip
+    dq *= scale
+    out = (b * n_heads + h) * num_queries * HEAD_DIM + rows * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
+
+
+_DKDV = autotuned_by_class(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_KEY)
+_DQ = autotuned_by_class(_attention_bwd_dq_kernel, _DQ_CONFIGS, key=_KEY)
+
+
+def _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start) -> None:
+    """ValueError or TypeError naming the argument that does not fit the contract of the module docstring."""
+    for name, t in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.dim() != 4 or t.stride(-1) != 1:
+            raise ValueError(f"attention_bwd: {name} must be 4-d with a unit last stride, got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"attention_bwd: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"attention_bwd: dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    batch, n_heads, num_queries, head_dim = q.shape
+    n_heads_kv, num_keys = k.shape[1], k.shape[2]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention_bwd: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if n_heads_kv == 0 or n_heads % n_heads_kv or tuple(v.shape) != tuple(k.shape) or k.shape[::3] != q.shape[::3]:
+        raise ValueError(f"attention_bwd: q {tuple(q.shape)} does not fit k {tuple(k.shape)} and v {tuple(v.shape)}")
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != (batch, num_queries, n_heads, head_dim):
+            raise ValueError(f"attention_bwd: {name} must be {(batch, num_queries, n_heads, head_dim)}, got {t.shape}")
+    expected = {
+        "lse": (lse, (batch, n_heads, num_queries), torch.float32),
+        "q_offset": (q_offset, (batch,), torch.int32),
+        "key_mask": (key_mask, (batch, num_keys), torch.uint8),
+        "key_start": (key_start, (batch, num_queries), torch.int32),
+    }
+    for name, (t, shape, dtype) in expected.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device or t.stride(-1) != 1):
+            raise ValueError(
+                f"attention_bwd: {name} must be {dtype} {shape} on {q.device} with a unit last stride, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device} strides {t.stride()}"
+            )
+
+
+@torch.library.triton_op("dbrx_fast::attention_bwd", mutates_args={})
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_offset: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    key_start: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, D]) of the attention the forward computed; see the
+    module docstring. key_mask is uint8 (a bool mask's `.view(torch.uint8)`), key_start int32; None for neither."""
+    _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start)
+    batch, n_heads, num_queries, head_dim = q.shape
+    n_heads_kv, num_keys = k.shape[1], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:  # nothing to attend to or from: every gradient is zero
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    launch(
+        _attention_bwd_delta_kernel,
+        (triton.cdiv(num_queries, DELTA_BLOCK_M), n_heads, batch),
+        out,
+        dout,
+        delta,
+        num_queries,
+        n_heads,
+        *(out.stride(0), out.stride(1), out.stride(2)),
+        *(dout.stride(0), dout.stride(1), dout.stride(2)),
+        HEAD_DIM=head_dim,
+        BLOCK_M=DELTA_BLOCK_M,
+        num_warps=4,
+    )
+    cls, fp32_dot = gemm_class(q.dtype)
+    # An absent mask is read by no program; its pointer is a real one of the right type all the same.
+    key_mask_arg = q_offset.view(torch.uint8) if key_mask is None else key_mask
+    key_start_arg = q_offset if key_start is None else key_start
+    inputs = (q, k, v, dout, lse, delta, q_offset, key_mask_arg, key_start_arg)
+    strides = (
+        *(q.stride(0), q.stride(1), q.stride(2)),
+        *(k.stride(0), k.stride(1), k.stride(2)),
+        *(v.stride(0), v.stride(1), v.stride(2)),
+        *(dout.stride(0), dout.stride(1), dout.stride(2)),
+        *(lse.stride(0), lse.stride(1)),
+        0 if key_mask is None else key_mask.stride(0),
+        0 if key_start is None else key_start.stride(0),
+    )
+    meta = dict(HEAD_DIM=head_dim, FP32_DOT=fp32_dot, HAS_KEY_MASK=key_mask is not None)
+    meta["HAS_KEY_START"] = key_start is not None
+    group = n_heads // n_heads_kv
+    launch(
+        _DKDV[cls],
+        lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]), n_heads_kv, batch),
+        *inputs,
+        dk,
+        dv,
+        scale,
+        num_queries,
+        num_keys,
+        n_heads_kv,
+        group,
+        *strides,
+        **meta,
+    )
+    launch(
+        _DQ[cls],
+        lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]), n_heads, batch),
+        *inputs,
+        dq,
+        scale,
+        num_queries,
+        num_keys,
+        n_heads,
+        group,
+        *strides,
+        **meta,
+    )
+    return dq, dk, dv
+
+
+# DBRX's attention shape in the compile specs: 48 query heads on 8 KV heads, contiguous tensors at a sequence of
+# 4096. The strides are fixed values (see moe_tiles.DBRX_HIDDEN for why): every launch at these shapes specializes
+# them as multiples of 16, which is what lets the tiles load as vectors.
+DBRX_HEADS, DBRX_KV_HEADS, SPEC_SEQ = 48, 8, 4096
+
+
+def _spec_strides(head_dim: int) -> dict[str, int]:
+    n, hq, hk, d = SPEC_SEQ, DBRX_HEADS, DBRX_KV_HEADS, head_dim
+    strides = {"stride_q_b": hq * n * d, "stride_q_h": n * d, "stride_q_m": d}
+    for t in ("k", "v"):
+        strides.update({f"stride_{t}_b": hk * n * d, f"stride_{t}_h": n * d, f"stride_{t}_n": d})
+    strides.update({"stride_dout_b": n * hq * d, "stride_dout_m": hq * d, "stride_dout_h": d})
+    strides.update({"stride_lse_b": hq * n, "stride_lse_h": n, "stride_key_mask_b": n, "stride_key_start_b": n})
+    return strides
+
+
+def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
+    types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "q_offset_ptr": "*i32", "key_start_ptr": "*i32"}
+    types |= {"key_mask_ptr": "*u8", "scale": "fp32"}
+    names = [n for n, p in inspect.signature(kernel.fn).parameters.items() if p.annotation is not tl.constexpr]
+    return {n: types.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32") for n in names if n not in strides}
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every launch: the delta kernel per dtype and head dim; dK/dV and dQ per GEMM class, dtype of the class, head
+    dim 64 and 128, mask variant (causal only; padding and packing) and autotune config."""
+    specs = []
+    for dtype in _DTYPES.values():
+        for head_dim in (64, 128):
+            specs.append(
+                CompileSpec(
+                    name=f"attention_bwd_delta {dtype} D={head_dim}",
+                    kernel=_attention_bwd_delta_kernel,
+                    signature=_signature(_attention_bwd_delta_kernel, dtype, {}),
+                    constexprs={"HEAD_DIM": head_dim, "BLOCK_M": DELTA_BLOCK_M},
+                )
+            )
+    for name, kernel, configs in (
+        ("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
+        ("attention_bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
+    ):
+        for cls, class_configs in configs.items():
+            for dtype in GEMM_CLASS_DTYPES[cls]:
+                for head_dim in (64, 128):
+                    params = inspect.signature(kernel.fn).parameters
+                    strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
+                    for masks in (False, True):
+                        for cfg in class_configs:
+                            meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot"}
+                            meta |= {"HAS_KEY_MASK": masks, "HAS_KEY_START": masks}
+                            specs.append(
+                                CompileSpec(
+                                    name=f"{name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
+                                    kernel=kernel,
+                                    signature=_signature(kernel, dtype, strides),
+                                    constexprs={**strides, **meta, **cfg.kwargs},
+                                    num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages,
+                                    matrix=cls != "fp32_dot",
+                                )
+                            )
+    return specs
