@@ -19,7 +19,7 @@ inspect:  # registers, spills, shared memory and wgmma of every kernel config fo
 bench:
 	python -m benchmarks.bench_moe
 
-# On a lent GPU, first thing: the GPU test tier, then the MoE benchmark (about 3-5 minutes), into OUT; see CONTRIBUTING.md.
+# On a lent GPU, first thing: the GPU test tier, then the MoE, attention, QKV and decode benchmarks (under 10 minutes), into OUT; see CONTRIBUTING.md.
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [COMMIT=hash]" >&2; exit 2; }
 	python3 benchmarks/gpu_check.py --out "$(OUT)" $(if $(COMMIT),--commit $(COMMIT))

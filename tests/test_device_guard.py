@@ -23,7 +23,11 @@ CONFIG = dict(n_heads=4, kv_n_heads=2, experts=8, top_k=2)
 MODEL_KERNELS = {
     "_layernorm_fwd_kernel",
     "_layernorm_bwd_kernel",
-    "_rope_kernel",
+    "_qkv_rope_kernel",
+    "_attention_fwd_kernel",
+    "_attention_bwd_delta_kernel",
+    "_attention_bwd_dkdv_kernel",
+    "_attention_bwd_dq_kernel",
     "_route_fwd_kernel",
     "_route_scan_kernel",
     "_route_scatter_kernel",
