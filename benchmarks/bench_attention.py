@@ -17,10 +17,8 @@ FLOPs: 4 * B * Hq * N^2 * D for a forward, halved when causal; a backward 2.5x t
 `vs_baseline` is the speed-up over the fastest SDPA backend in the same run (named in each row's `baseline`).
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_attention.py): make `benchmarks` importable
@@ -29,11 +27,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/bench_attent
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Triton kernels run on the CPU only through the interpreter, chosen before the first kernel module is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, make_step, print_rows
+from benchmarks import harness
+from benchmarks.harness import Case, ProviderUnavailable, Step, make_step, print_rows
 from dbrx_fast.attention_mask import AttentionMask
 
 SUBJECT = "attention"
@@ -155,68 +150,29 @@ def attention_case(batch, length, heads, kv_heads, head_dim, mode) -> Case:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--lengths", nargs="+", help="sequence lengths N (space or comma separated); default 512 ... 16384")
     p.add_argument("--modes", nargs="+", default=["forward", "backward"], choices=list(MODE_WORK))
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--heads", type=int, help="query heads (default 48; 4 with --smoke)")
     p.add_argument("--kv-heads", type=int, help="KV heads (default 8; 2 with --smoke)")
     p.add_argument("--head-dim", type=int, help="head_dim (default 128; 32 with --smoke)")
     p.add_argument("--tokens", type=int, help="tokens per length, batch = tokens // N (default 16384; 40 with --smoke)")
-    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny heads on the CPU, one repetition: checks the plumbing")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
-    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name, default in (SMOKE_HEADS if args.smoke else DBRX_HEADS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.tokens is None:
-        args.tokens = SMOKE_TOKENS if args.smoke else TOKENS
-    if args.lengths is None:
-        args.lengths = list(SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS)
-    else:
-        args.lengths = [int(n) for item in args.lengths for n in item.split(",") if n]
-    if any(n < 1 for n in args.lengths):
-        p.error("--lengths must be positive")
-    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
-        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
-    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    harness.add_common_arguments(
+        p, PROVIDERS, DTYPES, "tiny heads on the CPU, one repetition: checks the plumbing", list(PROVIDERS)
+    )
+    args = harness.finish_common_args(
+        p.parse_args(argv), {**DBRX_HEADS, "tokens": TOKENS}, {**SMOKE_HEADS, "tokens": SMOKE_TOKENS}
+    )
+    args.lengths = harness.sizes(p, args.lengths, SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS, "--lengths")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.smoke:  # tiny ops on a small shared CPU: intra-op threads only add contention
-        torch.set_num_threads(1)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return harness.run_main(_run, parse_args(argv))
 
 
 def _run(args) -> int:
-    torch.manual_seed(args.seed)
-    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
-    harness = Harness(
-        SUBJECT,
-        args.device,
-        DTYPES[args.dtype],
-        args.out,
-        warmup_ms=args.warmup_ms,
-        rep_ms=args.rep_ms,
-        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
-        **cpu_runs,
-    )
-    print(
-        f"# {SUBJECT} on {harness.device_name}, {args.dtype}; versions {harness.stamp['versions']}; "
-        f"commit {harness.stamp['git_commit']}",
-        flush=True,
-    )
+    bench = harness.harness_from_args(SUBJECT, args, DTYPES[args.dtype])
     baselines = tuple(name for name in SDPA_BACKENDS if name in args.providers)
     for length in args.lengths:
         batch = max(args.tokens // length, 1)
@@ -224,13 +180,9 @@ def _run(args) -> int:
         for mode in args.modes:
             case = attention_case(batch, length, args.heads, args.kv_heads, args.head_dim, mode)
             providers = {name: _provider(SETUPS[name], x, mode) for name in args.providers}
-            print_rows(harness.run_case(case, providers, baselines))
+            print_rows(bench.run_case(case, providers, baselines))
         del x
-    print(f"# rows appended to {harness.results_path}")
-    if harness.failures:
-        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
-        return 1
-    return 0
+    return harness.exit_status(bench)
 
 
 def _provider(setup, x: Inputs, mode: str):

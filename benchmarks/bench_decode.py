@@ -18,10 +18,8 @@ Rows carry GB/s and the ratio to the device copy bandwidth measured in the same 
 8k on). See benchmarks/README.md.
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_decode.py): make `benchmarks` importable
@@ -30,11 +28,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/bench_decode
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Triton kernels run on the CPU only through the interpreter, chosen before the first kernel module is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, make_step, print_rows
+from benchmarks import harness
+from benchmarks.harness import Case, ProviderUnavailable, Step, make_step, print_rows
 
 SUBJECT = "decode"
 DBRX_HEADS = {"heads": 48, "kv_heads": 8, "head_dim": 128}
@@ -127,81 +122,44 @@ def decode_case(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--contexts", nargs="+", help="cached lengths N (space or comma separated); default 1k ... 32k")
     p.add_argument("--batches", nargs="+", help="batch sizes B; default 1 8 64")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all (--smoke: all but flash_attn)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--heads", type=int, help="Hq (default 48; 4 with --smoke)")
     p.add_argument("--kv-heads", type=int, help="Hkv (default 8; 2 with --smoke)")
     p.add_argument("--head-dim", type=int, help="D (default 128; 64 with --smoke)")
-    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny heads on the CPU, one repetition: checks the plumbing")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
-    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name, default in (SMOKE_HEADS if args.smoke else DBRX_HEADS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-
-    def sizes(given, default):
-        values = list(default) if given is None else [int(t) for item in given for t in item.split(",") if t]
-        if any(v < 1 for v in values):
-            p.error("--contexts and --batches must be positive")
-        return values
-
-    args.contexts = sizes(args.contexts, SMOKE_CONTEXTS if args.smoke else DEFAULT_CONTEXTS)
-    args.batches = sizes(args.batches, SMOKE_BATCHES if args.smoke else DEFAULT_BATCHES)
-    args.providers = args.providers or list(SMOKE_PROVIDERS if args.smoke else PROVIDERS)
-    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
-        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
-    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    harness.add_common_arguments(
+        p,
+        PROVIDERS,
+        DTYPES,
+        "tiny heads on the CPU, one repetition: checks the plumbing",
+        None,
+        "default: all (--smoke: all but flash_attn)",
+    )
+    args = harness.finish_common_args(
+        p.parse_args(argv),
+        {**DBRX_HEADS, "providers": list(PROVIDERS)},
+        {**SMOKE_HEADS, "providers": list(SMOKE_PROVIDERS)},
+    )
+    args.contexts = harness.sizes(p, args.contexts, SMOKE_CONTEXTS if args.smoke else DEFAULT_CONTEXTS, "--contexts")
+    args.batches = harness.sizes(p, args.batches, SMOKE_BATCHES if args.smoke else DEFAULT_BATCHES, "--batches")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny ops on a small shared CPU: intra-op threads only add contention
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return harness.run_main(_run, parse_args(argv))
 
 
 def _run(args) -> int:
-    torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
-    harness = Harness(
-        SUBJECT,
-        args.device,
-        dtype,
-        args.out,
-        warmup_ms=args.warmup_ms,
-        rep_ms=args.rep_ms,
-        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
-        **cpu_runs,
-    )
-    print(
-        f"# {SUBJECT} on {harness.device_name}, {args.dtype}; copy {harness.copy_gbps:.1f} GB/s; "
-        f"versions {harness.stamp['versions']}; commit {harness.stamp['git_commit']}",
-        flush=True,
-    )
+    bench = harness.harness_from_args(SUBJECT, args, dtype)
     heads = (args.heads, args.kv_heads, args.head_dim)
     for batch in args.batches:
         for context in args.contexts:
             case = decode_case(batch, context, *heads, dtype)
             providers = {name: _provider(name, batch, context, heads, args.device, dtype) for name in args.providers}
-            print_rows(harness.run_case(case, providers, BASELINE))
-    print(f"# rows appended to {harness.results_path}")
-    if harness.failures:
-        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
-        return 1
-    return 0
+            print_rows(bench.run_case(case, providers, BASELINE))
+    return harness.exit_status(bench)
 
 
 def _provider(name: str, batch: int, context: int, heads: tuple, device, dtype):

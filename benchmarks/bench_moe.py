@@ -16,10 +16,8 @@ cost model's lower bound (benchmarks/cost_model.py, the device's preset, an H100
 See benchmarks/README.md.
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_moe.py): make `benchmarks` importable
@@ -28,12 +26,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/bench_moe.py
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Triton kernels run on the CPU only through the interpreter, which must be chosen before the first kernel module
-    # is imported (importing dbrx_fast may import them).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, make_step, print_rows
+from benchmarks import harness
+from benchmarks.harness import Case, ProviderUnavailable, Step, make_step, print_rows
 from dbrx_fast import reference
 from dbrx_fast.moe_torch import moe_experts_grouped_by_ids
 
@@ -167,84 +161,37 @@ def _dbrx_fast_bound(w: MoeWeights, tokens: int, mode: str, dtype: torch.dtype, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--tokens", nargs="+", help="token counts T (space or comma separated); default DBRX sweep")
     p.add_argument("--modes", nargs="+", default=["forward", "full"], choices=["forward", "backward", "full"])
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--hidden", type=int, help="H (default 6144; 64 with --smoke)")
     p.add_argument("--ffn", type=int, help="F, the expert width (default 10752; 96 with --smoke)")
     p.add_argument("--experts", type=int, help="E (default 16; 4 with --smoke)")
     p.add_argument("--top-k", type=int, help="k (default 4; 2 with --smoke)")
-    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, one repetition: checks the plumbing")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
-    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    widths = SMOKE_WIDTHS if args.smoke else DBRX_WIDTHS
-    for name, default in widths.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.tokens is None:
-        args.tokens = list(SMOKE_TOKENS if args.smoke else DEFAULT_TOKENS)
-    else:
-        args.tokens = [int(t) for item in args.tokens for t in item.split(",") if t]
-    if any(t < 1 for t in args.tokens):
-        p.error("--tokens must be positive")
-    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
-        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
-    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    harness.add_common_arguments(
+        p, PROVIDERS, DTYPES, "tiny widths on the CPU, one repetition: checks the plumbing", list(PROVIDERS)
+    )
+    args = harness.finish_common_args(p.parse_args(argv), DBRX_WIDTHS, SMOKE_WIDTHS)
+    args.tokens = harness.sizes(p, args.tokens, SMOKE_TOKENS if args.smoke else DEFAULT_TOKENS, "--tokens")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.smoke:
-        # Tiny ops on a small shared CPU: intra-op threads only add contention (10-100x slower when oversubscribed).
-        torch.set_num_threads(1)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return harness.run_main(_run, parse_args(argv))
 
 
 def _run(args) -> int:
-    torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    # --smoke checks the plumbing, not the speed: one timed call and no warm-up keep Triton's CPU interpreter (the
-    # dbrx_fast provider on a machine without a GPU) within seconds.
-    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
-    harness = Harness(
-        SUBJECT,
-        args.device,
-        dtype,
-        args.out,
-        warmup_ms=args.warmup_ms,
-        rep_ms=args.rep_ms,
-        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
-        **cpu_runs,
-    )
-    print(
-        f"# {SUBJECT} on {harness.device_name}, {args.dtype}; copy {harness.copy_gbps:.1f} GB/s; "
-        f"versions {harness.stamp['versions']}; commit {harness.stamp['git_commit']}",
-        flush=True,
-    )
+    bench = harness.harness_from_args(SUBJECT, args, dtype)
     weights = MoeWeights(args.hidden, args.ffn, args.experts, args.top_k, args.device, dtype)
     for tokens in args.tokens:
         x = torch.randn(tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
         for mode in args.modes:
-            case = moe_case(weights, x, mode, harness.device_name)
+            case = moe_case(weights, x, mode, bench.device_name)
             providers = {name: _provider(SETUPS[name], weights, x, mode) for name in args.providers}
-            print_rows(harness.run_case(case, providers, BASELINE))
+            print_rows(bench.run_case(case, providers, BASELINE))
         del x
-    print(f"# rows appended to {harness.results_path}")
-    if harness.failures:
-        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
-        return 1
-    return 0
+    return harness.exit_status(bench)
 
 
 def _provider(setup, weights: MoeWeights, x: torch.Tensor, mode: str):

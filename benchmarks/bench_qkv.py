@@ -17,10 +17,8 @@ and dqkv written. Memory-bound, so the row's ratio to the copy bandwidth measure
 merit (target: at least 0.8). FLOPs are counted as 0 (the TFLOP/s column means nothing here).
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_qkv.py): make `benchmarks` importable
@@ -28,11 +26,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/bench_qkv.py
 
 import torch
 
-if not torch.cuda.is_available():
-    # Triton kernels run on the CPU only through the interpreter, chosen before the first kernel module is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.harness import Case, Harness, ProviderUnavailable, Step, print_rows
+from benchmarks import harness
+from benchmarks.harness import Case, ProviderUnavailable, Step, print_rows
 from dbrx_fast import reference
 
 SUBJECT = "qkv"
@@ -126,66 +121,27 @@ def make_qkv_step(forward, mode: str, qkv: torch.Tensor) -> Step:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--tokens", nargs="+", help="token counts T (space or comma separated); default 512 ... 16384")
     p.add_argument("--modes", nargs="+", default=["forward", "full"], choices=["forward", "full"])
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--heads", type=int, help="Hq (default 48; 6 with --smoke)")
     p.add_argument("--kv-heads", type=int, help="Hkv (default 8; 1 with --smoke)")
     p.add_argument("--head-dim", type=int, help="D (default 128; 16 with --smoke)")
-    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny heads on the CPU, one repetition: checks the plumbing")
-    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
-    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name, default in (SMOKE_HEADS if args.smoke else DBRX_HEADS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.tokens is None:
-        args.tokens = list(SMOKE_TOKENS if args.smoke else DEFAULT_TOKENS)
-    else:
-        args.tokens = [int(t) for item in args.tokens for t in item.split(",") if t]
-    if any(t < 1 for t in args.tokens):
-        p.error("--tokens must be positive")
-    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
-        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
-    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    harness.add_common_arguments(
+        p, PROVIDERS, DTYPES, "tiny heads on the CPU, one repetition: checks the plumbing", list(PROVIDERS)
+    )
+    args = harness.finish_common_args(p.parse_args(argv), DBRX_HEADS, SMOKE_HEADS)
+    args.tokens = harness.sizes(p, args.tokens, SMOKE_TOKENS if args.smoke else DEFAULT_TOKENS, "--tokens")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny ops on a small shared CPU: intra-op threads only add contention
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return harness.run_main(_run, parse_args(argv))
 
 
 def _run(args) -> int:
-    torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
-    harness = Harness(
-        SUBJECT,
-        args.device,
-        dtype,
-        args.out,
-        warmup_ms=args.warmup_ms,
-        rep_ms=args.rep_ms,
-        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
-        **cpu_runs,
-    )
-    print(
-        f"# {SUBJECT} on {harness.device_name}, {args.dtype}; copy {harness.copy_gbps:.1f} GB/s; "
-        f"versions {harness.stamp['versions']}; commit {harness.stamp['git_commit']}",
-        flush=True,
-    )
+    bench = harness.harness_from_args(SUBJECT, args, dtype)
     heads = (args.heads, args.kv_heads, args.head_dim)
     inv_freq = 1.0 / THETA ** (
         torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=args.device) / args.head_dim
@@ -198,13 +154,9 @@ def _run(args) -> int:
         for mode in args.modes:
             case = qkv_case(tokens, *heads, mode, dtype)
             providers = {name: _provider(SETUPS[name], qkv, cos, sin, heads, mode) for name in args.providers}
-            print_rows(harness.run_case(case, providers, BASELINE))
+            print_rows(bench.run_case(case, providers, BASELINE))
         del qkv
-    print(f"# rows appended to {harness.results_path}")
-    if harness.failures:
-        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
-        return 1
-    return 0
+    return harness.exit_status(bench)
 
 
 def _provider(setup, qkv, cos, sin, heads, mode: str):

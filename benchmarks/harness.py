@@ -12,6 +12,7 @@ equal FLOPs - and gives, per provider, a zero-argument step to time. The harness
   git commit.
 """
 
+import argparse
 import dataclasses
 import datetime
 import gc
@@ -22,12 +23,18 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only through the interpreter, which must be chosen before the first kernel module
+    # is imported: every subject imports this module before dbrx_fast.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -374,3 +381,94 @@ def print_rows(rows: list[dict], file=sys.stdout) -> None:
 
 def _shape_str(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+# ---- the command line every subject shares ------------------------------------------------------------------------
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A subject's parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+
+
+def add_common_arguments(
+    p: argparse.ArgumentParser,
+    providers: tuple,
+    dtypes: dict,
+    smoke_help: str,
+    default_providers: list | None,
+    providers_help: str | None = None,
+) -> None:
+    """--providers, --dtype, --device, --smoke, --out, --warmup-ms, --rep-ms, --seed."""
+    p.add_argument("--providers", nargs="+", default=default_providers, choices=providers, help=providers_help)
+    p.add_argument("--dtype", default="bf16", choices=list(dtypes))
+    p.add_argument("--device", help="default: cuda when available, else cpu (always cpu with --smoke)")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results; --smoke: a temporary one)")
+    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up on a GPU")
+    p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time on a GPU")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def finish_common_args(args: argparse.Namespace, defaults: dict, smoke_defaults: dict) -> argparse.Namespace:
+    """Fills the widths left unset (smoke_defaults with --smoke, else defaults), the smoke run's temporary --out and
+    the device."""
+    for name, default in (smoke_defaults if args.smoke else defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.smoke and args.out is None:  # smoke rows mean nothing: keep them out of the tracked results
+        args.out = Path(tempfile.mkdtemp(prefix="dbrx-fast-bench-smoke-"))
+    args.device = torch.device("cpu" if args.smoke else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def sizes(p: argparse.ArgumentParser, given: list[str] | None, default: tuple, flag: str) -> list[int]:
+    """The sweep's sizes: default when not given, else the given ones (space or comma separated), all positive."""
+    values = list(default) if given is None else [int(v) for item in given for v in item.split(",") if v]
+    if any(v < 1 for v in values):
+        p.error(f"{flag} must be positive")
+    return values
+
+
+def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args) seeded with --seed, on one intra-op thread with --smoke (restored after)."""
+    threads = torch.get_num_threads()
+    if args.smoke:  # tiny ops on a small shared CPU: intra-op threads only add contention (10-100x slower)
+        torch.set_num_threads(1)
+    try:
+        torch.manual_seed(args.seed)
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def harness_from_args(subject: str, args: argparse.Namespace, dtype: torch.dtype) -> Harness:
+    """The subject's Harness for the parsed common arguments; prints the run's header line."""
+    # --smoke checks the plumbing, not the speed: one timed call and no warm-up keep Triton's CPU interpreter (the
+    # dbrx_fast provider on a machine without a GPU) within seconds.
+    cpu_runs = {"cpu_warmup": 0, "cpu_reps": 1} if args.smoke else {}
+    harness = Harness(
+        subject,
+        args.device,
+        dtype,
+        args.out,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        copy_bytes=1 << 22 if args.device.type == "cpu" else None,
+        **cpu_runs,
+    )
+    print(
+        f"# {subject} on {harness.device_name}, {args.dtype}; copy {harness.copy_gbps:.1f} GB/s; "
+        f"versions {harness.stamp['versions']}; commit {harness.stamp['git_commit']}",
+        flush=True,
+    )
+    return harness
+
+
+def exit_status(harness: Harness) -> int:
+    """Says where the rows went and lists the failures; 1 if any, else 0."""
+    print(f"# rows appended to {harness.results_path}")
+    if harness.failures:
+        print("# failures:\n#   " + "\n#   ".join(harness.failures), file=sys.stderr)
+        return 1
+    return 0
