@@ -18,8 +18,8 @@ holds them), and for one call of at most 10 minutes. Stages, each run even when 
    of MORE_BENCHES, each its own stage with its own cap (bench_attention, bench_qkv,
    bench_decode) -> results/<device>/<subject>.jsonl.
 4. summary.txt: machine, versions, each stage's outcome, test counts and failures, then the report
-   (benchmarks/report.py over those results); the report and then the summary are printed last. Files: env.txt, tests.log, bench.log, summary.txt and one results file a
-   benchmark, 8 in all, the most that a device call brings back.
+   (benchmarks/report.py over those results); the report and then the summary are printed last. Files: env.txt,
+   tests.log, bench.log, summary.txt and one results file a benchmark, 8 in all, the most a device call brings back.
 
 The bench's time, estimated for one H100/H200 from ~600 TFLOP/s bf16 and ~3.5 TB/s: its steps are short (the largest,
 T = 16384 full, is 78 TFLOP: ~0.15 s; decode steps read the 6.3 GB of expert weights: ~2 ms), so the do_bench calls of
