@@ -64,7 +64,34 @@ def pytest_generate_tests(metafunc):
             specs = []
         # Only where a launcher takes the launch (a TMA path: sm_90).
         cases = list(dict.fromkeys((spec.name, arch) for spec in specs for arch in ARCHS if arch in spec.archs))
-        metafunc.parametrize("registry_case", cases, ids=[f"{name} sm_{arch}" for name, arch in cases])
+        known = KNOWN_SPILLS.get(triton.__version__, {})
+        metafunc.parametrize(
+            "registry_case",
+            [
+                pytest.param(case, marks=[pytest.mark.xfail(strict=True, reason=known[case])] if case in known else [])
+                for case in cases
+            ],
+            ids=[f"{name} sm_{arch}" for name, arch in cases],
+        )
+
+
+# The only launches that do not compile clean, exactly, per Triton release (ptxas differs): the fp32 attention
+# backward's dK/dV tile at head_dim 128 on sm_90, whose two fp32 [BLOCK_N, 128] accumulators and fp32 operand tiles
+# exceed 255 registers at every tile tried (issue 8; two passes of one accumulator each is the way out being worked
+# on). Strict: a fix shows as XPASS and must remove its entry; any other spill fails.
+_TF32_DKDV = "attention_bwd_dkdv fp32 tf32 D=128 masks={} BLOCK_M=16 BLOCK_N=64 warps=8 stages=1"
+_FP32_DOT_DKDV = "attention_bwd_dkdv fp32 fp32_dot D=128 masks=True BLOCK_M=16 BLOCK_N=16 warps=4 stages=1"
+_SPILLS = "issue 8: the fp32 attention backward's dK/dV tile spills at head_dim 128 on sm_90 ({} bytes)"
+KNOWN_SPILLS = {
+    "3.9.0": {
+        (_TF32_DKDV.format(False), 90): _SPILLS.format(204),
+        (_TF32_DKDV.format(True), 90): _SPILLS.format(252),
+    },
+    "3.6.0": {
+        (_TF32_DKDV.format(True), 90): _SPILLS.format(84),
+        (_FP32_DOT_DKDV, 90): _SPILLS.format(36),
+    },
+}
 
 
 @pytest.fixture(scope="module")
