@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_allowed, query_range
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, describe
 from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
+from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, dot, gemm_class
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 HEAD_DIMS = (16, 32, 64, 128)

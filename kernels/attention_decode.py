@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .attention_mask import key_range, keys_allowed
 from .autotune import autotune
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, config_spec
 from .launch import launch
 
 MAX_QUERIES = 8
@@ -403,28 +403,11 @@ def compile_specs() -> list[CompileSpec]:
             for rows in sorted({MIN_BLOCK_M, block_m(MAX_BLOCK_M, 1, dtype)}):
                 for has_key_mask in (False, True):
                     for config in CONFIGS[_dtype_class(dtype)]:
-                        meta = {
-                            "HEAD_DIM": head_dim,
-                            "HAS_KEY_MASK": has_key_mask,
-                            "KV_ALIGNED": True,
-                            "BLOCK_M": rows,
-                            **config.kwargs,
-                        }
-                        specs.append(
-                            CompileSpec(
-                                name=f"attention_decode {ty} D={head_dim} BLOCK_M={rows} key_mask={has_key_mask} "
-                                f"BLOCK_N={config.kwargs['BLOCK_N']} num_warps={config.num_warps} "
-                                f"num_stages={config.num_stages}",
-                                kernel=_attention_decode_split_kernel,
-                                signature=signature,
-                                constexprs=meta,
-                                num_warps=config.num_warps,
-                                num_stages=config.num_stages,
-                                # wgmma needs 64 rows: these tiles multiply with mma.sync, which is enough for a
-                                # kernel bound by its loads.
-                                matrix=False,
-                            )
-                        )
+                        label = f"attention_decode {ty} D={head_dim} BLOCK_M={rows} key_mask={has_key_mask}"
+                        meta = {"HEAD_DIM": head_dim, "HAS_KEY_MASK": has_key_mask, "KV_ALIGNED": True, "BLOCK_M": rows}
+                        # Not a `matrix` spec: wgmma needs 64 rows; these tiles multiply with mma.sync, which is
+                        # enough for a kernel bound by its loads.
+                        specs.append(config_spec(label, _attention_decode_split_kernel, signature, meta, config))
             specs.append(
                 CompileSpec(
                     name=f"attention_decode_combine {ty} D={head_dim}",

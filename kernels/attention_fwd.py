@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_all_see, keys_allowed
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, describe
 from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
+from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, dot, gemm_class
 
 HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

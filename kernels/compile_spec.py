@@ -7,6 +7,8 @@ launch with; kernels/registry.py lists those modules. The check compiles each sp
 
 from dataclasses import dataclass, field
 
+import triton
+
 
 @dataclass(frozen=True)
 class CompileSpec:
@@ -18,3 +20,23 @@ class CompileSpec:
     num_stages: int = 3
     matrix: bool = False  # a tl.dot kernel: its sm_90 PTX must use wgmma
     archs: tuple[int, ...] = (80, 90)  # where a launcher takes this launch (a TMA path: sm_90 only)
+
+
+def describe(cfg: triton.Config) -> str:
+    """An autotune config as it appears in a compile spec's name: its meta-parameters, warps and stages."""
+    meta = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{meta} warps={cfg.num_warps} stages={cfg.num_stages}"
+
+
+def config_spec(label: str, kernel, signature: dict[str, str], meta: dict, cfg: triton.Config, **fields) -> CompileSpec:
+    """The spec of `kernel` launched with the fixed constexprs `meta` and autotune config `cfg`, named
+    `label` and the config; `fields` are CompileSpec's others (matrix, archs)."""
+    return CompileSpec(
+        name=f"{label} {describe(cfg)}",
+        kernel=kernel,
+        signature=signature,
+        constexprs={**meta, **cfg.kwargs},
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **fields,
+    )

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, config_spec
 from .launch import launch
 
 # Widest chunk of a row: the forward's, and the backward's one-chunk row when its rows are 16-element aligned.
@@ -440,16 +440,6 @@ def compile_specs() -> list[CompileSpec]:
                 configs = _fitting_configs(_configs(pinned_warps), meta["BLOCK_C"], per_thread)
                 configs += [c for c in _configs(pinned_warps)[:1] if c not in configs]
                 for config in configs:
-                    specs.append(
-                        CompileSpec(
-                            name=f"layernorm_{direction} {ty} C={n_cols} "
-                            + " ".join(f"{k}={v}" for k, v in meta.items())
-                            + f" num_warps={config.num_warps}",
-                            kernel=kernel.fn,
-                            signature=signature,
-                            constexprs=meta,
-                            num_warps=config.num_warps,
-                            num_stages=config.num_stages,
-                        )
-                    )
+                    label = f"layernorm_{direction} {ty} C={n_cols} " + " ".join(f"{k}={v}" for k, v in meta.items())
+                    specs.append(config_spec(label, kernel.fn, signature, meta, config))
     return specs

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, config_spec
 
 # DBRX's sizes, fixed in the compile specs. A launch specializes every integer argument divisible by 16 (hidden, ffn
 # and the row strides at DBRX's shapes) and every one equal to 1 (inner strides), which proves the rows 16-byte
@@ -243,12 +243,6 @@ def autotuned_by_class(kernel, configs: dict[str, list], key: list[str]) -> dict
     return {cls: autotune(cfgs, key=key)(kernel) for cls, cfgs in configs.items()}
 
 
-def describe(cfg: triton.Config) -> str:
-    """An autotune config as it appears in a compile spec's name: its meta-parameters, warps and stages."""
-    meta = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-    return f"{meta} warps={cfg.num_warps} stages={cfg.num_stages}"
-
-
 def launch_args(kernel, dtype: str, fp32_ptrs: tuple[str, ...] = ()) -> tuple[dict[str, str], dict[str, object]]:
     """(signature, constexprs) of the @triton.jit `kernel` at DBRX's shapes with contiguous tensors.
 
@@ -299,24 +293,9 @@ def gemm_specs(
             for variant in variants:
                 label = " ".join((name, dtype, cls, *(f"{k}={v}" for k, v in variant.items())))
                 for cfg in class_configs:
-                    specs.append(
-                        CompileSpec(
-                            name=f"{label} {describe(cfg)}",
-                            kernel=kernel,
-                            signature=signature,
-                            constexprs={
-                                **sizes,
-                                **(fixed or {}),
-                                **variant,
-                                "FP32_DOT": cls == "fp32_dot",
-                                **cfg.kwargs,
-                            },
-                            num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
-                            matrix=cls != "fp32_dot",
-                            archs=archs,
-                        )
-                    )
+                    meta = {**sizes, **variant}
+                    matrix = cls != "fp32_dot"
+                    specs.append(config_spec(label, kernel, signature, meta, cfg, matrix=matrix, archs=archs))
     return specs
 
 

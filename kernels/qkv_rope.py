@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, config_spec
 from .launch import launch
 from .rope import _DTYPES, _TRITON_DTYPE, MAX_HEAD_DIM, check_table, rotate_halves
 
@@ -419,18 +419,7 @@ def compile_specs() -> list[CompileSpec]:
             }
             for head_dim in (64, 128):
                 for config in _configs():
+                    label = f"qkv_rope {ty} D={head_dim} backward={backward} clamp={clamp} cache={cache}"
                     meta = {"HEAD_DIM": head_dim, "BACKWARD": backward, "CLAMP": clamp, "CACHE": cache}
-                    meta.update(config.kwargs)
-                    specs.append(
-                        CompileSpec(
-                            name=f"qkv_rope {ty} D={head_dim} backward={backward} clamp={clamp} cache={cache} "
-                            + " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                            + f" num_warps={config.num_warps}",
-                            kernel=_qkv_rope_kernel.fn,
-                            signature=signature,
-                            constexprs=meta,
-                            num_warps=config.num_warps,
-                            num_stages=config.num_stages,
-                        )
-                    )
+                    specs.append(config_spec(label, _qkv_rope_kernel.fn, signature, meta, config))
     return specs

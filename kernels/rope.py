@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .compile_spec import CompileSpec
+from .compile_spec import CompileSpec, config_spec
 from .launch import launch
 
 MAX_HEAD_DIM = 256
@@ -250,17 +250,7 @@ def compile_specs() -> list[CompileSpec]:
         for head_dim in (64, 128):
             for backward in (False, True):
                 for config in _configs():
-                    meta = {"HEAD_DIM": head_dim, "BACKWARD": backward, **config.kwargs}
-                    specs.append(
-                        CompileSpec(
-                            name=f"rope {ty} D={head_dim} backward={backward} "
-                            + " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                            + f" num_warps={config.num_warps}",
-                            kernel=_rope_kernel.fn,
-                            signature=signature,
-                            constexprs=meta,
-                            num_warps=config.num_warps,
-                            num_stages=config.num_stages,
-                        )
-                    )
+                    label = f"rope {ty} D={head_dim} backward={backward}"
+                    meta = {"HEAD_DIM": head_dim, "BACKWARD": backward}
+                    specs.append(config_spec(label, _rope_kernel.fn, signature, meta, config))
     return specs
