@@ -540,7 +540,8 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
 
 def compile_specs() -> list[CompileSpec]:
     """Every launch: the delta kernel per dtype and head dim; dK/dV and dQ per GEMM class, dtype of the class, head
-    dim 64 and 128, mask variant (causal only; padding and packing) and autotune config."""
+    dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and autotune
+    config."""
     specs = []
     for dtype in _DTYPES.values():
         for head_dim in (64, 128):
