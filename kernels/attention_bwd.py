@@ -11,7 +11,9 @@ across programs and no float atomic is needed:
   2. dK/dV: one program per (key block, KV head, batch). It loops over the Hq / Hkv query heads of its KV head and,
      for each, over the query blocks that can see its keys, recomputing p = exp2(s * scale * log2e - lse * log2e):
         dv += p^T @ dout        ds = p * (dout @ v^T - delta)        dk += ds^T @ q
-     so dK and dV are summed over the group in registers.
+     so dK and dV are summed over the group in registers. fp32 at head_dim 128 makes this launch twice, one
+     gradient each (constexprs DK, DV; `dkdv_passes`): two [BLOCK_N, 128] fp32 accumulators beside fp32 K and V
+     tiles exceed 255 registers on sm_90 and spill. The dV launch skips the dP and dS dots: 5 dots a tile, not 4.
   3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
         dq += ds @ k
 Products are fp32; operands enter the dots in their storage dtype (p and ds rounded to it), fp32 as IEEE or TF32
@@ -24,10 +26,11 @@ whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
-Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (whose dK/dV tile spills at D = 128 on sm_90).
+Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (at D = 128 a quarter more dK/dV dots, see 2.).
 """
 
 import inspect
+import itertools
 
 import torch
 import triton
@@ -43,16 +46,16 @@ HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 
-# Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds two
-# [BLOCK_N, D] fp32 accumulators and its K and V tiles, the dQ program one accumulator and its Q and dO tiles; at
-# D = 128 those leave room for little else. These are the tiles that compile without spills on sm_80 and sm_90 with
-# Triton 3.6 and 3.9 at D = 64 and 128, every mask variant, but for the fp32 dK/dV tiles at D = 128 on sm_90 (TF32;
-# fp32_dot with masks under 3.6), which still spill 20 to 128 bytes. BLOCK_N = 64 keys is the least for wgmma in the
-# dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight during the MMA; the TF32
-# dK/dV tile gets one (its fp32 operands leave no registers for more) and fp32_dot runs its dots on CUDA cores.
+# Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds its
+# accumulators (two, or one in an fp32 launch of one gradient) and its K and V tiles, the dQ program one accumulator
+# and its Q and dO tiles; at D = 128 those leave room for little else. These are the tiles that compile without
+# spills on sm_80 and sm_90 with Triton 3.6 and 3.9 at D = 64 and 128, every mask variant and pass. BLOCK_N = 64 keys
+# is the least for wgmma in the dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight
+# during the MMA; the TF32 dK/dV tile gets one stage and 4 warps (8 spill on sm_90 in the dK launch at D = 128 and on
+# sm_80 in the dV launch at D = 64 under 3.6), and fp32_dot runs its dots on CUDA cores.
 _DKDV_CONFIGS = {
     "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
-    "tf32": [config(8, 1, BLOCK_M=16, BLOCK_N=64)],
+    "tf32": [config(4, 1, BLOCK_M=16, BLOCK_N=64)],
     "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _DQ_CONFIGS = {
@@ -61,6 +64,14 @@ _DQ_CONFIGS = {
     "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
+BOTH, DV_ONLY, DK_ONLY = (True, True), (False, True), (True, False)  # (DK, DV) of a dK/dV launch
+
+
+def dkdv_passes(cls: str, head_dim: int) -> tuple[tuple[bool, bool], ...]:
+    """(DK, DV) of each dK/dV launch: both gradients in one, but for fp32 at D = 128, whose two [BLOCK_N, 128] fp32
+    accumulators beside fp32 K and V tiles spill on sm_90 (TF32 at every tile tried, fp32_dot under Triton 3.6):
+    one launch per gradient there. fp32 at D = 64 keeps one launch, as its passes would spill on sm_80 (3.6)."""
+    return (DV_ONLY, DK_ONLY) if cls != "16bit" and head_dim > 64 else (BOTH,)
 
 
 @triton.jit(do_not_specialize=["num_queries"])
@@ -126,16 +137,19 @@ def _dkdv_tile(
     FP32_DOT: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
 ):
-    """dk, dv plus the contribution of queries m0..m0+BLOCK_M of one query head to the keys offs_n."""
+    """dk (if DK), dv (if DV) plus the contribution of queries m0..m0+BLOCK_M of one query head to the keys offs_n."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_valid = offs_m < num_queries
     rows = offs_m.to(tl.int64)
     visible = True
-    if HAS_KEY_START:
+    if HAS_KEY_START and (FP32_DOT or (DK and DV)):
         # Packing: a block whose queries' sequences all start after these keys adds nothing, and with many short
-        # sequences that is most blocks; skipping them keeps the work to the sequences' own triangles.
+        # sequences that is most blocks; skipping them keeps the work to the sequences' own triangles. Not in the
+        # TF32 passes of one gradient: there the branch makes ptxas spill (and fp32_dot spills without it).
         starts = tl.load(key_start_row + offs_m, mask=q_valid, other=2**30)
         visible = tl.min(starts) <= tl.max(offs_n)
     if visible:
@@ -147,10 +161,12 @@ def _dkdv_tile(
         # The padding mask is left to the end of the kernel (None here): it hides keys from every query alike.
         allowed = keys_allowed(offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, HAS_KEY_START)
         p_t = tl.where(tl.trans(allowed) | whole, p_t, 0.0)
-        dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
-        dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
+        if DV:
+            dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+        if DK:
+            dp_t = dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
     return dk, dv
 
 
@@ -194,6 +210,8 @@ def _attention_bwd_dkdv_kernel(
     HAS_KEY_START: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -226,7 +244,7 @@ def _attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
                 num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m, m0 >= masked_end,
-                HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M,
+                HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M, DK, DV,
             )  # fmt: skip
     dk *= scale
     if HAS_KEY_MASK:
@@ -234,8 +252,10 @@ def _attention_bwd_dkdv_kernel(
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     out = (b * n_heads_kv + hk) * num_keys * HEAD_DIM + keys * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
+    if DK:
+        tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
+    if DV:
+        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
 
 
 @triton.jit
@@ -371,7 +391,7 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
 
 
-_DKDV = autotuned_by_class(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, key=_KEY)
+_DKDV = autotuned_by_class(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, key=[*_KEY, "DK", "DV"])
 _DQ = autotuned_by_class(_attention_bwd_dq_kernel, _DQ_CONFIGS, key=_KEY)
 
 
@@ -462,20 +482,23 @@ def attention_bwd(
     meta = dict(HEAD_DIM=head_dim, FP32_DOT=fp32_dot, HAS_KEY_MASK=key_mask is not None)
     meta["HAS_KEY_START"] = key_start is not None
     group = n_heads // n_heads_kv
-    launch(
-        _DKDV[cls],
-        lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]), n_heads_kv, batch),
-        *inputs,
-        dk,
-        dv,
-        scale,
-        num_queries,
-        num_keys,
-        n_heads_kv,
-        group,
-        *strides,
-        **meta,
-    )
+    for do_dk, do_dv in dkdv_passes(cls, head_dim):
+        launch(
+            _DKDV[cls],
+            lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]), n_heads_kv, batch),
+            *inputs,
+            dk,
+            dv,
+            scale,
+            num_queries,
+            num_keys,
+            n_heads_kv,
+            group,
+            *strides,
+            **meta,
+            DK=do_dk,
+            DV=do_dv,
+        )
     launch(
         _DQ[cls],
         lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]), n_heads, batch),
@@ -517,7 +540,8 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
 
 def compile_specs() -> list[CompileSpec]:
     """Every launch: the delta kernel per dtype and head dim; dK/dV and dQ per GEMM class, dtype of the class, head
-    dim 64 and 128, mask variant (causal only; padding and packing) and autotune config."""
+    dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and autotune
+    config."""
     specs = []
     for dtype in _DTYPES.values():
         for head_dim in (64, 128):
@@ -533,24 +557,28 @@ def compile_specs() -> list[CompileSpec]:
         ("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
         ("attention_bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
     ):
+        params = inspect.signature(kernel.fn).parameters
         for cls, class_configs in configs.items():
-            for dtype in GEMM_CLASS_DTYPES[cls]:
-                for head_dim in (64, 128):
-                    params = inspect.signature(kernel.fn).parameters
-                    strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
-                    for masks in (False, True):
-                        for cfg in class_configs:
-                            meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot"}
-                            meta |= {"HAS_KEY_MASK": masks, "HAS_KEY_START": masks}
-                            specs.append(
-                                CompileSpec(
-                                    name=f"{name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
-                                    kernel=kernel,
-                                    signature=_signature(kernel, dtype, strides),
-                                    constexprs={**strides, **meta, **cfg.kwargs},
-                                    num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages,
-                                    matrix=cls != "fp32_dot",
-                                )
-                            )
+            for dtype, head_dim, masks, cfg in itertools.product(
+                GEMM_CLASS_DTYPES[cls], (64, 128), (False, True), class_configs
+            ):
+                strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
+                meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
+                meta["HAS_KEY_START"] = masks
+                # A dK/dV launch of one gradient is named for it.
+                passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
+                for grads in passes:
+                    pass_name = {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
+                    pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
+                    specs.append(
+                        CompileSpec(
+                            name=f"{name}{pass_name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
+                            kernel=kernel,
+                            signature=_signature(kernel, dtype, strides),
+                            constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            matrix=cls != "fp32_dot",
+                        )
+                    )
     return specs

@@ -58,6 +58,7 @@ CASES = [
     Case("bf16_128_gqa6_packed", BF16, 1, 6, 1, 128, 128, packed=True),
     Case("fp16_300_padded_d128", FP16, 1, 1, 1, 300, 300, head_dim=128, padding=40),
     Case("fp16_17_gqa2_packed_padded", FP16, 2, 4, 2, 17, 20, padding=12, packed=True),
+    Case("fp32_40_gqa2_packed_padded_d128", FP32, 1, 4, 2, 40, 45, head_dim=128, padding=4, packed=True),
 ]
 
 
@@ -153,8 +154,9 @@ def test_gradients(case, device):
 
 
 def test_tf32(device):
-    """fp32 with TF32 allowed: TF32's error, judged against the reference with TF32-truncated matmuls."""
-    case = Case("fp32_tf32_129", FP32, 1, 2, 1, 129, 140, padding=5)
+    """fp32 with TF32 allowed: TF32's error, judged against the reference with TF32-truncated matmuls. At head_dim
+    128, padded and packed: the launch per gradient, which alone does not skip the query blocks packing hides."""
+    case = Case("fp32_tf32_70_d128", FP32, 1, 2, 1, 70, 80, head_dim=128, padding=5, packed=True)
     p = make_problem(case, device, tf32=True)
     with matmul_precision("high"):
         got = run_kernel(p)
@@ -165,9 +167,15 @@ def test_tf32(device):
         assert rel_err(g, r) > 2**-16, f"{name}: TF32 mode multiplied in full fp32"
 
 
-def test_deterministic(device):
-    """Bitwise equal gradients from two runs (no atomics; the group's heads are summed in one program's order)."""
-    p = make_problem(Case("bf16_gqa6", BF16, 1, 6, 1, 40, 70, padding=3), device)
+@pytest.mark.parametrize(
+    "case",
+    [Case("bf16_gqa6", BF16, 1, 6, 1, 40, 70, padding=3), Case("fp32_gqa2_d128", FP32, 1, 2, 1, 20, 40, 128, 3)],
+    ids=["one_launch", "launch_per_gradient"],
+)
+def test_deterministic(device, case):
+    """Bitwise equal gradients from two runs (no atomics; the group's heads are summed in one program's order), with
+    dK and dV from one launch (16-bit) or from one launch each (fp32 at head_dim 128)."""
+    p = make_problem(case, device)
     first, second = run_kernel(p), run_kernel(p)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
@@ -216,7 +224,8 @@ def test_autotune_keys_hold_every_code_changing_argument():
 
 
 def test_compile_specs_cover_every_config():
-    """compile_specs() holds each tuner's every config in every dtype of its class, head dim and mask variant."""
+    """compile_specs() holds each tuner's every config in every dtype of its class, head dim, mask variant and (dK/dV)
+    launch of `dkdv_passes`."""
     specs = bwd_module.compile_specs()
     for tuners in (bwd_module._DKDV, bwd_module._DQ):
         for cls, tuner in tuners.items():
@@ -228,14 +237,16 @@ def test_compile_specs_cover_every_config():
                     s.num_warps,
                     s.num_stages,
                 )
-                + tuple(s.constexprs[k] for k in ("BLOCK_M", "BLOCK_N"))
+                + tuple(s.constexprs.get(k) for k in ("BLOCK_M", "BLOCK_N", "DK", "DV"))
                 for s in specs
                 if s.kernel is tuner.fn and s.constexprs["FP32_DOT"] == (cls == "fp32_dot")
             }
             for dtype in GEMM_CLASS_DTYPES[cls]:
                 for head_dim in (64, 128):
+                    passes = bwd_module.dkdv_passes(cls, head_dim) if tuners is bwd_module._DKDV else [(None, None)]
                     for masks in (False, True):
                         for cfg in tuner.all_configs:
-                            want = (f"*{dtype}", head_dim, masks, cfg.num_warps, cfg.num_stages)
-                            want += (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
-                            assert want in found, f"{tuner.fn.fn.__name__}[{cls}]: no compile spec for {want}"
+                            for grads in passes:
+                                want = (f"*{dtype}", head_dim, masks, cfg.num_warps, cfg.num_stages)
+                                want += (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], *grads)
+                                assert want in found, f"{tuner.fn.fn.__name__}[{cls}]: no compile spec for {want}"

@@ -75,23 +75,10 @@ def pytest_generate_tests(metafunc):
         )
 
 
-# The only launches that do not compile clean, exactly, per Triton release (ptxas differs): the fp32 attention
-# backward's dK/dV tile at head_dim 128 on sm_90, whose two fp32 [BLOCK_N, 128] accumulators and fp32 operand tiles
-# exceed 255 registers at every tile tried (issue 8; two passes of one accumulator each is the way out being worked
-# on). Strict: a fix shows as XPASS and must remove its entry; any other spill fails.
-_TF32_DKDV = "attention_bwd_dkdv fp32 tf32 D=128 masks={} BLOCK_M=16 BLOCK_N=64 warps=8 stages=1"
-_FP32_DOT_DKDV = "attention_bwd_dkdv fp32 fp32_dot D=128 masks=True BLOCK_M=16 BLOCK_N=16 warps=4 stages=1"
-_SPILLS = "issue 8: the fp32 attention backward's dK/dV tile spills at head_dim 128 on sm_90 ({} bytes)"
-KNOWN_SPILLS = {
-    "3.9.0": {
-        (_TF32_DKDV.format(False), 90): _SPILLS.format(204),
-        (_TF32_DKDV.format(True), 90): _SPILLS.format(252),
-    },
-    "3.6.0": {
-        (_TF32_DKDV.format(True), 90): _SPILLS.format(84),
-        (_FP32_DOT_DKDV, 90): _SPILLS.format(36),
-    },
-}
+# Launches known not to compile clean, exactly, per Triton release (ptxas differs) as (spec name, arch): reason; none
+# today. Strict: a fixed entry shows as XPASS and must go; any other spill fails. (The fp32 attention backward's dK/dV
+# tile at head_dim 128 on sm_90 spilled until it ran one launch per gradient: kernels/attention_bwd.py dkdv_passes.)
+KNOWN_SPILLS: dict[str, dict[tuple[str, int], str]] = {}
 
 
 @pytest.fixture(scope="module")
