@@ -18,7 +18,16 @@ the result does not depend on their order.
 
 Bound: the tensor cores at long sequences (4 * Nq * Nk * D FLOPs per head, halved when causal, against
 (Nq + 2 * Nk) * D elements read), with one exp2 per score on the SFU beside every 2 * D multiply-adds; memory only
-for short sequences.
+for short sequences. What the sm_90 main loop makes of it (16 bits; python -m dbrx_fast.inspect): K and V come through
+a three-stage cp.async ring (loads overlapped), q @ k.T and p @ v are one wgmma group each, and p @ v stays in flight
+across the back edge, but the scores are waited for with `wgmma.wait_group 0`, which also retires that p @ v (groups
+retire in order): within a warpgroup the softmax does not overlap its own MMAs, only the other warpgroup's (the
+"drain" of the compile tables). Triton 3.6 to 3.9 cannot do better from `tl`: their WGMMA pipeliner keeps a dot in
+flight only when its result feeds nothing but the next wgmma's accumulator, and waits for any other dot with 0 right
+after it. Issuing the next tile's q @ k.T before this tile's softmax (FlashAttention-3's intra-warpgroup pipelining)
+compiles to the same wait 0 at 254 registers instead of 185 (D=128); `tl.range(warp_specialize=True)` is ignored at
+8 warps, fails to compile with pointer loads at 4, and with TMA loads gives consumer loops that wait 0 after both
+dots. Keeping the MMA in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` does not offer.
 
 Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
 matmul precision is "highest", in TF32 otherwise: `gemm_class`); float64 raises TypeError so that callers fall back.
