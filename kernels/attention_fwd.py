@@ -18,7 +18,17 @@ the result does not depend on their order.
 
 Bound: the tensor cores at long sequences (4 * Nq * Nk * D FLOPs per head, halved when causal, against
 (Nq + 2 * Nk) * D elements read), with one exp2 per score on the SFU beside every 2 * D multiply-adds; memory only
-for short sequences.
+for short sequences. What the sm_90 main loop makes of it (16 bits; python -m dbrx_fast.inspect): K and V come
+through a three-stage cp.async ring (loads overlapped), q @ k.T and p @ v are one wgmma group each, and p @ v stays
+in flight across the back edge, but the scores are waited for with `wgmma.wait_group 0`, which also retires that
+p @ v (groups retire in order), and the CTA-wide barriers of the cp.async ring (`bar.sync 0`, one right after that
+wait) keep both warpgroups in step: at one block per SM the softmax overlaps hardly any MMA (the "drain" of the
+compile tables). Triton 3.6 to 3.9 cannot do better from `tl`: their WGMMA pipeliner keeps a dot in flight only when
+its result feeds nothing but the next wgmma's accumulator, and waits for any other dot with 0 right after it. Issuing
+the next tile's q @ k.T before this tile's softmax (FlashAttention-3's intra-warpgroup pipelining) compiles to the
+same wait 0 at 254 registers instead of 185 (D=128); `tl.range(warp_specialize=True)` is ignored at 8 warps, fails to
+compile with pointer loads at 4, and with TMA loads gives consumer loops that wait 0 after both dots. Keeping the MMA
+in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` does not offer.
 
 Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
 matmul precision is "highest", in TF32 otherwise: `gemm_class`); float64 raises TypeError so that callers fall back.
@@ -46,9 +56,13 @@ def _configs() -> dict[str, list]:
     16 bits: 128 queries per program over 8 warps (two warpgroups of 64 rows, as wgmma takes them) and key tiles of
     64. Measured with ptxas (python -m dbrx_fast.inspect): 128 x 128 tiles spill at head_dim 128 (8 warps: sm_80 and
     sm_90), as do 128 x 64 tiles on 4 warps and 64 x 64 tiles on 4 warps (sm_90, Triton 3.9); two stages wait for
-    every load in the loop. tf32 tiles take twice the shared memory of 16-bit
-    ones. fp32_dot multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage,
-    and 32 x 32 tiles, spill on sm_90).
+    every load in the loop. A second block per SM at head_dim 128 (another CTA's MMAs during this one's softmax)
+    fits no tile on both releases (sm_90, pointer loads): 128 x 64 on 8 warps takes 182-200 registers (two blocks
+    need <= 128; maxnreg=128 spills), 64 x 64 on 4 warps and 3 stages 246 on Triton 3.6 but 255 and 32 bytes of
+    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). TMA loads of K and V would fit
+    64 x 64 on 4 warps and 3 stages: 146 (3.6) and 166 (3.9) registers, 115712 bytes, 2 blocks. tf32 tiles take
+    twice the shared memory of 16-bit ones. fp32_dot multiplies on the CUDA cores with its operands in registers:
+    small tiles, two stages (one stage, and 32 x 32 tiles, spill on sm_90).
     """
     return {
         "16bit": [

@@ -275,8 +275,9 @@ _PERF_CHECKS = {
     "mma_in_flight": lambda r: r.loop_drains_mma is False,
 }
 _PERF_KNOWN = {
-    "mma_in_flight": "P @ V needs the softmax of this tile's Q @ K^T: Triton 3.6-3.9 wait for that wgmma inside the "
-    "iteration (wait_group 0) unless the loop is warp-specialized, FlashAttention-3's ping-pong",
+    "mma_in_flight": "the softmax reads each tile's Q @ K^T, and Triton 3.6-3.9's WGMMA pipeliner waits for a wgmma "
+    "whose result feeds anything but another wgmma's accumulator with wait_group 0, which retires the P @ V in flight "
+    "too; neither pipelining the loop in the source nor warp specialization avoids it (kernels/attention_fwd.py)",
 }
 
 
