@@ -29,32 +29,59 @@ RAGGED = Case("ragged_tiles", 70, 2, 1, hidden=136, ffn=72, routing="one")
 CASES = {**BY_NAME, RAGGED.name: RAGGED}
 
 
+def _expert_rows(routing, ffn, device):
+    """[T*k, F] indices of the weight rows each sorted row multiplies: expert(p) * F + f."""
+    experts = routing.expert_ids.reshape(-1).long()[routing.sorted_slots.long()]
+    return experts[:, None] * ffn + torch.arange(ffn, device=device)
+
+
 def _inputs(case, dtype, device):
     """(h from moe_glu_up, w2, routing, float64 y) of the case."""
     x, w1, v1, w2, routing = _problem(case, dtype, device)
     h, _, _ = moe_glu_up(x, w1, v1, routing.sorted_slots, routing.expert_offsets, case.top_k, False)
     slots = routing.sorted_slots.long()
-    experts = routing.expert_ids.reshape(-1).long()[slots]
-    rows = experts[:, None] * case.ffn + torch.arange(case.ffn, device=device)
+    rows = _expert_rows(routing, case.ffn, device)
     y64 = torch.empty(x.shape[0] * case.top_k, case.hidden, dtype=torch.float64, device=device)
     y64[slots] = torch.einsum("pf,pfh->ph", h.double(), w2.double()[rows])
     y64 *= routing.weights.double().reshape(-1, 1)
     return h, w2, routing, y64
 
 
-def _down(h, w2, routing, top_k, monkeypatch, tma: str):
-    """(y, the USE_TMA of each launch) of moe_down with DBRX_FAST_TMA=tma."""
+def _spied(module, op, args, monkeypatch, tma: str):
+    """(op(*args), the USE_TMA of each GEMM launch in `module`) with DBRX_FAST_TMA=tma."""
     seen = []
 
-    def spy(kernel, grid, *args, **meta):
-        seen.append(meta["USE_TMA"])
-        launch(kernel, grid, *args, **meta)
+    def spy(kernel, grid, *launch_args, **meta):
+        if "USE_TMA" in meta:
+            seen.append(meta["USE_TMA"])
+        launch(kernel, grid, *launch_args, **meta)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fwd_kernels, "launch", spy)
+        patch.setattr(module, "launch", spy)
         patch.setenv("DBRX_FAST_TMA", tma)
-        y = moe_down(h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, top_k)
-    return y, seen
+        out = op(*args)
+    return out, seen
+
+
+def _down(h, w2, routing, top_k, monkeypatch, tma: str):
+    """(y, the USE_TMA of each launch) of moe_down with DBRX_FAST_TMA=tma."""
+    args = (h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, top_k)
+    return _spied(fwd_kernels, moe_down, args, monkeypatch, tma)
+
+
+def _up_inputs(case, dtype, device):
+    """(x, w1, v1, routing, float64 (h, gate, up)) of the case, in sorted order."""
+    x, w1, v1, _, routing = _problem(case, dtype, device)
+    rows = _expert_rows(routing, case.ffn, device)
+    x_rows = x.double()[routing.sorted_slots.long() // case.top_k]
+    gate = torch.einsum("ph,pfh->pf", x_rows, w1.double()[rows])
+    up = torch.einsum("ph,pfh->pf", x_rows, v1.double()[rows])
+    return x, w1, v1, routing, (torch.nn.functional.silu(gate) * up, gate, up)
+
+
+def _glu_up(x, w1, v1, routing, top_k, monkeypatch, tma: str):
+    args = (x, w1, v1, routing.sorted_slots, routing.expert_offsets, top_k, True)
+    return _spied(fwd_kernels, moe_glu_up, args, monkeypatch, tma)
 
 
 @pytest.mark.parametrize(
@@ -127,3 +154,49 @@ def test_tma_workspace_is_set_for_the_block_only():
     assert _allocation._allocator.get() is before
     with tma_workspace(torch.device("cuda"), False):
         assert _allocation._allocator.get() is before
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [("empty_experts", torch.float16), ("ragged_tiles", torch.bfloat16)],
+    ids=["empty_experts-fp16", "ragged_tiles-bf16"],
+)
+def test_glu_up_tma_matches_pointer_path(case, dtype, device, monkeypatch):
+    """h, gate and up within round-off of float64, as the pointer path's. Not bitwise: the TMA path's two dots of half
+    the width sum each column in an order of their own (measured under the interpreter: a last-bit difference in
+    gate)."""
+    case = CASES[case]
+    x, w1, v1, routing, refs = _up_inputs(case, dtype, device)
+    out_tma, seen_tma = _glu_up(x, w1, v1, routing, case.top_k, monkeypatch, "1")
+    out_ptr, seen_ptr = _glu_up(x, w1, v1, routing, case.top_k, monkeypatch, "0")
+    assert (seen_tma, seen_ptr) == ([True], [False])
+    for got, want, pointer, name in zip(out_tma, refs, out_ptr, ("h", "gate", "up"), strict=True):
+        assert_accurate(got, want, pointer, what=name)
+
+
+def test_glu_up_reads_no_other_experts_weights(device, monkeypatch):
+    """NaN weights in the experts without a token: a w1 or v1 block of 128 rows from an expert of F = 48 rows covers
+    the next experts' rows (zero fill of the [E, F, H] views); such columns are past F and masked at the store, so
+    this fails only if a NaN reaches a stored column (a wrong expert, row or K offset)."""
+    case = BY_NAME["empty_experts"]
+    x, w1, v1, routing, refs = _up_inputs(case, torch.bfloat16, device)
+    w1, v1 = w1.clone(), v1.clone()
+    w1[case.experts // 2 * case.ffn :] = float("nan")
+    v1[case.experts // 2 * case.ffn :] = float("nan")
+    out, seen = _glu_up(x, w1, v1, routing, case.top_k, monkeypatch, "1")
+    assert seen == [True]
+    for got, want, name in zip(out, refs, ("h", "gate", "up"), strict=True):
+        assert_accurate(got, want, what=name)
+
+
+def test_glu_up_tma_every_config(device, monkeypatch):
+    """Every 16-bit config of the up kernel on the TMA path (tests/test_every_config.py runs them on the pointer
+    path)."""
+    x, w1, v1, routing, refs = _up_inputs(RAGGED, torch.bfloat16, device)
+    tuner = fwd_kernels._GLU_UP["16bit"]
+    for cfg in tuner.all_configs:
+        with forced_config(tuner, cfg):
+            out, seen = _glu_up(x, w1, v1, routing, RAGGED.top_k, monkeypatch, "1")
+        assert seen == [True], cfg
+        for got, want, name in zip(out, refs, ("h", "gate", "up"), strict=True):
+            assert_accurate(got, want, what=f"{name} {cfg}")
