@@ -191,6 +191,7 @@ def _moe_down_bwd_kernel(
     NUM_EXPERTS: tl.constexpr,
     STORE_H: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -198,7 +199,7 @@ def _moe_down_bwd_kernel(
 ):
     """dgate, dup and with STORE_H hw [num_rows, ffn] (contiguous, sorted order) and partial[pid_n, s] = sum over the
     F-tile of h * dh' (contiguous float32 [cdiv(ffn, BLOCK_N), num_rows], slot order) for the sorted rows p of
-    expert e."""
+    expert e. USE_TMA loads w2 through a descriptor (its innermost stride must be 1); dout rows are gathered."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
@@ -214,14 +215,26 @@ def _moe_down_bwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     dout_ptrs = dout_ptr + tokens[:, None] * stride_dout_t + ks[None, :] * stride_dout_h
     # w2_e.T as a [BLOCK_K, BLOCK_N] tile read straight from the [E*F, H] layout: an int64 offset to the tile's
-    # first row, int32 offsets within it.
+    # first row, int32 offsets within it. USE_TMA: a [BLOCK_N, BLOCK_K] block of w2 as [E, F, H] (zero past the
+    # expert's F rows), transposed in shared memory.
+    w2_src = tile_descriptor(
+        w2_ptr,
+        (NUM_EXPERTS, ffn, hidden),
+        (tl.cast(ffn, tl.int64) * stride_w2_r, stride_w2_r, 1),
+        (1, BLOCK_N, BLOCK_K),
+        USE_TMA,
+    )
     w2_ptrs = w2_ptr + (expert * ffn + pid_n * BLOCK_N).to(tl.int64) * stride_w2_r
     w2_ptrs += tl.arange(0, BLOCK_N)[None, :] * stride_w2_r + ks[:, None] * stride_w2_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_mask = ks < hidden - k0
         dout_tile = tl.load(dout_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w2_tile = load_tile(
+            w2_src, (expert, pid_n * BLOCK_N, k0), w2_ptrs, k_mask[:, None] & col_mask[None, :], USE_TMA
+        )
+        if USE_TMA:  # the block holds w2_e's rows: [BLOCK_N, BLOCK_K]
+            w2_tile = tl.trans(w2_tile)
         acc = dot(dout_tile, w2_tile, acc, FP32_DOT)
         dout_ptrs += BLOCK_K * stride_dout_h
         w2_ptrs += BLOCK_K * stride_w2_h
@@ -449,7 +462,9 @@ def _moe_up_dgrad_kernel(
 
 # Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
 _DOWN_BWD = autotuned_by_class(
-    _moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "STORE_H", "FP32_DOT"]
+    _moe_down_bwd_kernel,
+    _down_bwd_configs(),
+    ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "STORE_H", "FP32_DOT", "USE_TMA"],
 )
 _UP_DGRAD = autotuned_by_class(
     _moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT", "USE_TMA"]
@@ -494,40 +509,43 @@ def moe_down_bwd(
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * num_partials,)
 
     cls, fp32_dot = gemm_class(gate.dtype)
-    launch(
-        _DOWN_BWD[cls],
-        grid,
-        dout,
-        gate,
-        up,
-        w2,
-        weights,
-        sorted_slots,
-        expert_offsets,
-        dgate,
-        dup,
-        hw if store_h else dgate,  # not written without STORE_H
-        partial,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        dout.stride(0),
-        dout.stride(1),
-        gate.stride(0),
-        gate.stride(1),
-        up.stride(0),
-        up.stride(1),
-        w2.stride(0),
-        w2.stride(1),
-        weights.stride(0),
-        weights.stride(1),
-        NUM_EXPERTS=num_experts,
-        STORE_H=store_h,
-        FP32_DOT=fp32_dot,
-        BLOCK_N=_DOWN_BWD_BLOCK_N,
-    )
+    tma = cls == "16bit" and use_tma(gate.device, w2)
+    with tma_workspace(gate.device, tma):
+        launch(
+            _DOWN_BWD[cls],
+            grid,
+            dout,
+            gate,
+            up,
+            w2,
+            weights,
+            sorted_slots,
+            expert_offsets,
+            dgate,
+            dup,
+            hw if store_h else dgate,  # not written without STORE_H
+            partial,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            dout.stride(0),
+            dout.stride(1),
+            gate.stride(0),
+            gate.stride(1),
+            up.stride(0),
+            up.stride(1),
+            w2.stride(0),
+            w2.stride(1),
+            weights.stride(0),
+            weights.stride(1),
+            NUM_EXPERTS=num_experts,
+            STORE_H=store_h,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+            BLOCK_N=_DOWN_BWD_BLOCK_N,
+        )
     grid = (triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK),)
     launch(
         _moe_sum_partials_kernel,
@@ -618,9 +636,20 @@ def compile_specs() -> list[CompileSpec]:
         _moe_down_bwd_kernel,
         _down_bwd_configs(),
         ("weights_ptr", "partial_ptr"),
-        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
+        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N, "USE_TMA": False},
         variants=({"STORE_H": True}, {"STORE_H": False}),
     )
+    # The TMA paths: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
+    down_bwd_tma = gemm_specs(
+        "moe_down_bwd",
+        _moe_down_bwd_kernel,
+        {"16bit": _down_bwd_configs()["16bit"]},
+        ("weights_ptr", "partial_ptr"),
+        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
+        variants=({"STORE_H": True, "USE_TMA": True}, {"STORE_H": False, "USE_TMA": True}),
+        archs=(90,),
+    )
+    specs += [s for s in down_bwd_tma if " bf16 " in s.name]
     specs += gemm_specs(
         "moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",), fixed={"USE_TMA": False}
     )

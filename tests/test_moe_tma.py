@@ -13,6 +13,8 @@ import torch
 from accuracy import assert_accurate
 from moe_cases import BY_NAME, Case
 from test_moe_experts import _problem
+from test_moe_experts_backward import _down_grads, _hw
+from test_moe_experts_backward import _problem as _bwd_problem
 from triton.runtime import _allocation
 
 from dbrx_fast.kernels import moe_experts as fwd_kernels
@@ -20,7 +22,7 @@ from dbrx_fast.kernels import moe_input_grads as input_grad_kernels
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_experts import moe_down, moe_glu_up
-from dbrx_fast.kernels.moe_input_grads import moe_up_dgrad
+from dbrx_fast.kernels.moe_input_grads import moe_down_bwd, moe_up_dgrad
 from dbrx_fast.kernels.moe_tiles import tma_workspace, use_tma
 
 pytestmark = pytest.mark.interpreter
@@ -254,3 +256,54 @@ def test_up_dgrad_tma_every_config(device, monkeypatch):
             dx, seen = _up_dgrad(dgate, dup, w1, v1, routing, RAGGED, monkeypatch, "1")
         assert seen == [True], cfg
         assert_accurate(dx, dx64, what=str(cfg))
+
+
+def _down_bwd(p, monkeypatch, tma: str):
+    """((dgate, dup, dweights, hw), the USE_TMA of each GEMM launch) of moe_down_bwd with DBRX_FAST_TMA=tma."""
+    args = (p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k)
+    return _spied(input_grad_kernels, moe_down_bwd, args, monkeypatch, tma)
+
+
+def _assert_down_bwd_accurate(out, p, what=""):
+    ref = _down_grads(p, torch.float64)
+    wants = (ref[0], ref[1], ref[3], _hw(p, torch.float64))
+    for got, want, name in zip(out, wants, ("dgate", "dup", "dweights", "hw"), strict=True):
+        assert_accurate(got, want, what=f"{name} {what}")
+
+
+@pytest.mark.parametrize(("case", "dtype"), [("ragged_tiles", torch.float16)], ids=["ragged_tiles-fp16"])
+def test_down_bwd_tma_matches_pointer_path(case, dtype, device, monkeypatch):
+    """dgate, dup, dweights and hw within round-off of float64, and bitwise the pointer path's."""
+    p = _bwd_problem(CASES[case], dtype, device)
+    out_tma, seen_tma = _down_bwd(p, monkeypatch, "1")
+    out_ptr, seen_ptr = _down_bwd(p, monkeypatch, "0")
+    assert (seen_tma, seen_ptr) == ([True], [False])
+    _assert_down_bwd_accurate(out_tma, p)
+    for got, pointer, name in zip(out_tma, out_ptr, ("dgate", "dup", "dweights", "hw"), strict=True):
+        assert torch.equal(got, pointer), name
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_down_bwd_reads_no_other_experts_weights(tma, device, monkeypatch):
+    """NaN weights in the experts without a token: the w2 block of BLOCK_N = 128 rows from an expert of F = 48 rows
+    would cover the next experts' rows but for the [E, F, H] view's zero fill, and their NaN columns of dh' would
+    reach dweights through the F-tile's row sum (the masked gate and up there are zeros; NaN * 0 is NaN)."""
+    case = BY_NAME["empty_experts"]
+    p = _bwd_problem(case, torch.bfloat16, device)
+    p.w2 = p.w2.clone()
+    p.w2[case.experts // 2 * case.ffn :] = float("nan")
+    out, seen = _down_bwd(p, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    p.w2 = torch.nan_to_num(p.w2, nan=0.0)  # the reference reads no expert without rows either
+    _assert_down_bwd_accurate(out, p)
+
+
+def test_down_bwd_tma_every_config(device, monkeypatch):
+    """Every 16-bit config of the down projection's backward on the TMA path."""
+    p = _bwd_problem(RAGGED, torch.bfloat16, device)
+    tuner = input_grad_kernels._DOWN_BWD["16bit"]
+    for cfg in tuner.all_configs:
+        with forced_config(tuner, cfg):
+            out, seen = _down_bwd(p, monkeypatch, "1")
+        assert seen == [True], cfg
+        _assert_down_bwd_accurate(out, p, str(cfg))
