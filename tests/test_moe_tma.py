@@ -19,11 +19,13 @@ from triton.runtime import _allocation
 
 from dbrx_fast.kernels import moe_experts as fwd_kernels
 from dbrx_fast.kernels import moe_input_grads as input_grad_kernels
+from dbrx_fast.kernels import moe_weight_grads as weight_grad_kernels
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_experts import moe_down, moe_glu_up
 from dbrx_fast.kernels.moe_input_grads import moe_down_bwd, moe_up_dgrad
 from dbrx_fast.kernels.moe_tiles import tma_workspace, use_tma
+from dbrx_fast.kernels.moe_weight_grads import moe_down_wgrad
 
 pytestmark = pytest.mark.interpreter
 
@@ -307,3 +309,61 @@ def test_down_bwd_tma_every_config(device, monkeypatch):
             out, seen = _down_bwd(p, monkeypatch, "1")
         assert seen == [True], cfg
         _assert_down_bwd_accurate(out, p, str(cfg))
+
+
+def _wgrad_inputs(case, dtype, device):
+    """(hw in sorted order, dout, routing, float64 dw2 as [E, F, H]) of the case."""
+    _, _, _, _, routing = _problem(case, dtype, device)
+    hw = torch.randn(case.tokens * case.top_k, case.ffn, device=device).to(dtype)
+    dout = torch.randn(case.tokens, case.hidden, device=device).to(dtype)
+    tokens = routing.sorted_slots.long() // case.top_k
+    bounds = routing.expert_offsets.tolist()
+    dw2 = torch.stack(
+        [hw[a:b].double().T @ dout[tokens[a:b]].double() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    )
+    return hw, dout, routing, dw2
+
+
+def _down_wgrad(hw, dout, routing, case, monkeypatch, tma: str):
+    args = (hw, dout, routing.sorted_slots, routing.expert_offsets, case.top_k, case.experts)
+    return _spied(weight_grad_kernels, moe_down_wgrad, args, monkeypatch, tma)
+
+
+def test_down_wgrad_tma_matches_pointer_path(device, monkeypatch):
+    """Within round-off of float64, and bitwise the pointer path's (the same chunks in the same order)."""
+    case = RAGGED
+    hw, dout, routing, dw2_64 = _wgrad_inputs(case, torch.float16, device)
+    dw2_tma, seen_tma = _down_wgrad(hw, dout, routing, case, monkeypatch, "1")
+    dw2_ptr, seen_ptr = _down_wgrad(hw, dout, routing, case, monkeypatch, "0")
+    assert (seen_tma, seen_ptr) == ([True], [False])
+    assert_accurate(dw2_tma.view_as(dw2_64), dw2_64)
+    assert torch.equal(dw2_tma, dw2_ptr)
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_down_wgrad_reads_no_other_experts_rows(tma, device, monkeypatch):
+    """NaN hw rows for the odd experts: an even expert's last chunk of rows ends at its own last row (the descriptor's
+    shape stops there), so its dw2 stays finite; a chunk reading on into the next expert's rows would meet the NaN
+    (against zero dout rows: NaN * 0 is NaN)."""
+    case = BY_NAME["T37_E4_k2"]
+    hw, dout, routing, dw2_64 = _wgrad_inputs(case, torch.bfloat16, device)
+    bounds = routing.expert_offsets.tolist()
+    block_m = weight_grad_kernels._DOWN_WGRAD["16bit"].all_configs[0].kwargs["BLOCK_M"]
+    assert any((bounds[e + 1] - bounds[e]) % block_m for e in (0, 2)), "no chunk would reach the next expert"
+    hw = hw.clone()
+    for e in (1, 3):
+        hw[bounds[e] : bounds[e + 1]] = float("nan")
+    dw2, seen = _down_wgrad(hw, dout, routing, case, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    assert_accurate(dw2.view_as(dw2_64)[0::2], dw2_64[0::2])
+
+
+def test_down_wgrad_tma_every_config(device, monkeypatch):
+    """Every 16-bit config of the dw2 kernel on the TMA path."""
+    hw, dout, routing, dw2_64 = _wgrad_inputs(RAGGED, torch.bfloat16, device)
+    tuner = weight_grad_kernels._DOWN_WGRAD["16bit"]
+    for cfg in tuner.all_configs:
+        with forced_config(tuner, cfg):
+            dw2, seen = _down_wgrad(hw, dout, routing, RAGGED, monkeypatch, "1")
+        assert seen == [True], cfg
+        assert_accurate(dw2.view_as(dw2_64), dw2_64, what=str(cfg))
