@@ -218,6 +218,7 @@ def _moe_up_wgrad_kernel(
     stride_x_t,
     stride_x_h,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -227,15 +228,25 @@ def _moe_up_wgrad_kernel(
     row order. dw1 and dv1 are contiguous [E*ffn, hidden]."""
     expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
+    # USE_TMA: dgate and dup as [row_end, ffn] descriptors (see _moe_down_wgrad_kernel).
+    dgate_src = tile_descriptor(dgate_ptr, (row_end, ffn), (stride_dgate_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
+    dup_src = tile_descriptor(dup_ptr, (row_end, ffn), (stride_dup_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
+    f0 = tl.min(fs, axis=0)
     acc_w1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     acc_v1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
         x_tile = _gathered(x_ptr, tokens, row_mask, hs, h_mask, stride_x_t, stride_x_h)
         tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
+        if USE_TMA:
+            dgate_t = tl.trans(load_tile(dgate_src, (p0, f0), None, None, USE_TMA))
+        else:
+            dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
         acc_w1 = dot(dgate_t, x_tile, acc_w1, FP32_DOT)
-        dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
+        if USE_TMA:
+            dup_t = tl.trans(load_tile(dup_src, (p0, f0), None, None, USE_TMA))
+        else:
+            dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
         acc_v1 = dot(dup_t, x_tile, acc_v1, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     out_mask = f_mask[:, None] & h_mask[None, :]
@@ -247,7 +258,9 @@ def _moe_up_wgrad_kernel(
 _DOWN_WGRAD = autotuned_by_class(
     _moe_down_wgrad_kernel, _down_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT", "USE_TMA"]
 )
-_UP_WGRAD = autotuned_by_class(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"])
+_UP_WGRAD = autotuned_by_class(
+    _moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT", "USE_TMA"]
+)
 
 
 def _grid(num_experts: int, ffn: int, hidden: int):
@@ -338,29 +351,32 @@ def moe_up_wgrad(
         return dw1, dv1
 
     cls, fp32_dot = gemm_class(x.dtype)
-    launch(
-        _UP_WGRAD[cls],
-        _grid(num_experts, ffn, hidden),
-        dgate,
-        dup,
-        x,
-        sorted_slots,
-        expert_offsets,
-        dw1,
-        dv1,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        dgate.stride(0),
-        dgate.stride(1),
-        dup.stride(0),
-        dup.stride(1),
-        x.stride(0),
-        x.stride(1),
-        FP32_DOT=fp32_dot,
-    )
+    tma = cls == "16bit" and use_tma(x.device, dgate, dup)
+    with tma_workspace(x.device, tma):
+        launch(
+            _UP_WGRAD[cls],
+            _grid(num_experts, ffn, hidden),
+            dgate,
+            dup,
+            x,
+            sorted_slots,
+            expert_offsets,
+            dw1,
+            dv1,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            dgate.stride(0),
+            dgate.stride(1),
+            dup.stride(0),
+            dup.stride(1),
+            x.stride(0),
+            x.stride(1),
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return dw1, dv1
 
 
@@ -377,4 +393,12 @@ def compile_specs() -> list[CompileSpec]:
         archs=(90,),
     )
     specs += [s for s in tma if " bf16 " in s.name]
-    return specs + gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs())
+    specs += gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs(), fixed={"USE_TMA": False})
+    tma = gemm_specs(
+        "moe_up_wgrad",
+        _moe_up_wgrad_kernel,
+        {"16bit": _up_wgrad_configs()["16bit"]},
+        variants=({"USE_TMA": True},),
+        archs=(90,),
+    )
+    return specs + [s for s in tma if " bf16 " in s.name]

@@ -1,11 +1,13 @@
-"""The down projection's TMA path (kernels/moe_tiles.py `use_tma`, `tile_descriptor`, `load_tile`) against its
-pointer path and float64.
+"""The MoE GEMMs' TMA paths (kernels/moe_tiles.py `use_tma`, `tile_descriptor`, `load_tile`) against their pointer
+paths and float64: moe_glu_up (w1, v1), moe_down (h, w2), moe_down_bwd (w2), moe_up_dgrad (dgate, dup, w1, v1),
+moe_down_wgrad (hw) and moe_up_wgrad (dgate, dup).
 
 The interpreter of Triton 3.6 and 3.9 runs in-kernel tensor descriptors (zero fill outside the descriptor's shape
 included), so DBRX_FAST_TMA=1 runs the TMA path on the CPU; on a GPU it is the sm_90 path. Its PTX (one
 cp.async.bulk.tensor per operand in the main loop) is checked by tests/test_compile_gpu_targets.py. The sizes are
-the shared cases': F = 48 and H = 80 are multiples of no block, so a w2 block that crossed into the next expert's rows,
-or an h block past the last row, would show.
+the shared cases': F = 48 and H = 80 are multiples of no block, so a weight block that crossed into the next expert's
+rows, or an h block past the last row, would show. Each operand has a test with NaN in the rows no tile of the
+launch may read (the other experts' weights, the next expert's sorted rows) that fails when a descriptor reaches them.
 """
 
 import pytest
@@ -25,7 +27,7 @@ from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_experts import moe_down, moe_glu_up
 from dbrx_fast.kernels.moe_input_grads import moe_down_bwd, moe_up_dgrad
 from dbrx_fast.kernels.moe_tiles import tma_workspace, use_tma
-from dbrx_fast.kernels.moe_weight_grads import moe_down_wgrad
+from dbrx_fast.kernels.moe_weight_grads import moe_down_wgrad, moe_up_wgrad
 
 pytestmark = pytest.mark.interpreter
 
@@ -367,3 +369,49 @@ def test_down_wgrad_tma_every_config(device, monkeypatch):
             dw2, seen = _down_wgrad(hw, dout, routing, RAGGED, monkeypatch, "1")
         assert seen == [True], cfg
         assert_accurate(dw2.view_as(dw2_64), dw2_64, what=str(cfg))
+
+
+def _up_wgrad(dgate, dup, x, routing, case, monkeypatch, tma: str):
+    """((dw1, dv1) as [E, F, H], the USE_TMA of each launch) of moe_up_wgrad; x plays dout's part of _wgrad_inputs."""
+    args = (dgate, dup, x, routing.sorted_slots, routing.expert_offsets, case.top_k, case.experts)
+    (dw1, dv1), seen = _spied(weight_grad_kernels, moe_up_wgrad, args, monkeypatch, tma)
+    return (dw1.view(case.experts, case.ffn, -1), dv1.view(case.experts, case.ffn, -1)), seen
+
+
+def test_up_wgrad_tma_matches_pointer_path(device, monkeypatch):
+    """Within round-off of float64, and bitwise the pointer path's."""
+    dgate, x, routing, dw1_64 = _wgrad_inputs(RAGGED, torch.float16, device)
+    dup = dgate.flip(0)  # other values, same layout
+    out_tma, seen_tma = _up_wgrad(dgate, dup, x, routing, RAGGED, monkeypatch, "1")
+    out_ptr, seen_ptr = _up_wgrad(dgate, dup, x, routing, RAGGED, monkeypatch, "0")
+    assert (seen_tma, seen_ptr) == ([True], [False])
+    assert_accurate(out_tma[0], dw1_64)
+    assert torch.equal(out_tma[0], out_ptr[0]) and torch.equal(out_tma[1], out_ptr[1])
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_up_wgrad_reads_no_other_experts_rows(tma, device, monkeypatch):
+    """As test_down_wgrad_reads_no_other_experts_rows, for dgate and dup."""
+    case = BY_NAME["T37_E4_k2"]
+    dgate, x, routing, dw1_64 = _wgrad_inputs(case, torch.bfloat16, device)
+    bounds = routing.expert_offsets.tolist()
+    dgate, dup = dgate.clone(), dgate.clone()
+    for e in (1, 3):
+        dgate[bounds[e] : bounds[e + 1]] = float("nan")
+        dup[bounds[e] : bounds[e + 1]] = float("nan")
+    (dw1, dv1), seen = _up_wgrad(dgate, dup, x, routing, case, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    assert_accurate(dw1[0::2], dw1_64[0::2], what="dw1")
+    assert_accurate(dv1[0::2], dw1_64[0::2], what="dv1")
+
+
+def test_up_wgrad_tma_every_config(device, monkeypatch):
+    """Every 16-bit config of the dw1/dv1 kernel on the TMA path."""
+    dgate, x, routing, dw1_64 = _wgrad_inputs(RAGGED, torch.bfloat16, device)
+    tuner = weight_grad_kernels._UP_WGRAD["16bit"]
+    for cfg in tuner.all_configs:
+        with forced_config(tuner, cfg):
+            (dw1, dv1), seen = _up_wgrad(dgate, dgate, x, routing, RAGGED, monkeypatch, "1")
+        assert seen == [True], cfg
+        assert_accurate(dw1, dw1_64, what=f"dw1 {cfg}")
+        assert_accurate(dv1, dw1_64, what=f"dv1 {cfg}")
