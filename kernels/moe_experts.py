@@ -146,6 +146,7 @@ def _moe_glu_up_fwd_kernel(
     NUM_EXPERTS: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -167,26 +168,55 @@ def _moe_glu_up_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     tokens = (slots // top_k).to(tl.int64)
     x_ptrs = x_ptr + tokens[:, None] * stride_x_t + ks[None, :] * stride_x_h
-    # [w1_e | v1_e].T as one interleaved [BLOCK_K, BLOCK_N] tile read straight from the two [E*F, H] layouts.
-    pair = tl.arange(0, BLOCK_N)
-    is_up = (pair % 2 == 1)[None, :]
-    w_cols = pid_n * (BLOCK_N // 2) + pair // 2
-    w_rows = (expert * ffn + w_cols).to(tl.int64)[None, :]
-    w_ptrs = tl.where(
-        is_up,
-        v1_ptr + w_rows * stride_v1_r + ks[:, None] * stride_v1_h,
-        w1_ptr + w_rows * stride_w1_r + ks[:, None] * stride_w1_h,
-    )
-    w_step = tl.where(is_up, BLOCK_K * stride_v1_h, BLOCK_K * stride_w1_h)
-    w_col_mask = (w_cols < ffn)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_mask = ks < hidden - k0
-        x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=k_mask[:, None] & w_col_mask, other=0.0)
-        acc = dot(x_tile, w_tile, acc, FP32_DOT)
-        x_ptrs += BLOCK_K * stride_x_h
-        w_ptrs += w_step
+    if USE_TMA:
+        # w1_e and v1_e as [E, F, H] views: a block stops at the expert's last row (zero fill past it). Two B tiles
+        # and two dots of BLOCK_N // 2 columns: TMA cannot interleave two tensors' rows into one shared-memory tile.
+        n0 = pid_n * (BLOCK_N // 2)
+        w1_src = tile_descriptor(
+            w1_ptr,
+            (NUM_EXPERTS, ffn, hidden),
+            (tl.cast(ffn, tl.int64) * stride_w1_r, stride_w1_r, 1),
+            (1, BLOCK_N // 2, BLOCK_K),
+            USE_TMA,
+        )
+        v1_src = tile_descriptor(
+            v1_ptr,
+            (NUM_EXPERTS, ffn, hidden),
+            (tl.cast(ffn, tl.int64) * stride_v1_r, stride_v1_r, 1),
+            (1, BLOCK_N // 2, BLOCK_K),
+            USE_TMA,
+        )
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & (ks < hidden - k0)[None, :], other=0.0)
+            w1_tile = load_tile(w1_src, (expert, n0, k0), None, None, USE_TMA)
+            v1_tile = load_tile(v1_src, (expert, n0, k0), None, None, USE_TMA)
+            acc_gate = dot(x_tile, tl.trans(w1_tile), acc_gate, FP32_DOT)
+            acc_up = dot(x_tile, tl.trans(v1_tile), acc_up, FP32_DOT)
+            x_ptrs += BLOCK_K * stride_x_h
+        acc = tl.reshape(tl.join(acc_gate, acc_up), (BLOCK_M, BLOCK_N))
+    else:
+        # [w1_e | v1_e].T as one interleaved [BLOCK_K, BLOCK_N] tile read straight from the two [E*F, H] layouts.
+        pair = tl.arange(0, BLOCK_N)
+        is_up = (pair % 2 == 1)[None, :]
+        w_cols = pid_n * (BLOCK_N // 2) + pair // 2
+        w_rows = (expert * ffn + w_cols).to(tl.int64)[None, :]
+        w_ptrs = tl.where(
+            is_up,
+            v1_ptr + w_rows * stride_v1_r + ks[:, None] * stride_v1_h,
+            w1_ptr + w_rows * stride_w1_r + ks[:, None] * stride_w1_h,
+        )
+        w_step = tl.where(is_up, BLOCK_K * stride_v1_h, BLOCK_K * stride_w1_h)
+        w_col_mask = (w_cols < ffn)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_mask = ks < hidden - k0
+            x_tile = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_mask[:, None] & w_col_mask, other=0.0)
+            acc = dot(x_tile, w_tile, acc, FP32_DOT)
+            x_ptrs += BLOCK_K * stride_x_h
+            w_ptrs += w_step
 
     # The epilogue runs on the two column halves of the tile in turn, so that it holds half as many fp32 values a
     # thread (a 128x256 tile is 128 registers a thread at 8 warps before the GLU).
@@ -280,7 +310,9 @@ def _moe_combine_kernel(y_ptr, out_ptr, hidden, top_k, BLOCK_H: tl.constexpr):
 
 # Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
 _GLU_UP = autotuned_by_class(
-    _moe_glu_up_fwd_kernel, _up_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "SAVE_PREACT", "FP32_DOT"]
+    _moe_glu_up_fwd_kernel,
+    _up_configs(),
+    ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "SAVE_PREACT", "FP32_DOT", "USE_TMA"],
 )
 _DOWN = autotuned_by_class(
     _moe_down_fwd_kernel, _down_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT", "USE_TMA"]
@@ -324,32 +356,36 @@ def moe_glu_up(
         )
 
     cls, fp32_dot = gemm_class(x.dtype)
-    launch(
-        _GLU_UP[cls],
-        grid,
-        x,
-        w1,
-        v1,
-        sorted_slots,
-        expert_offsets,
-        h,
-        gate,
-        up,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        x.shape[1],
-        ffn,
-        top_k,
-        x.stride(0),
-        x.stride(1),
-        w1.stride(0),
-        w1.stride(1),
-        v1.stride(0),
-        v1.stride(1),
-        NUM_EXPERTS=num_experts,
-        SAVE_PREACT=save_preact,
-        FP32_DOT=fp32_dot,
-    )
+    # TMA for the weights (x rows are gathered: pointer loads).
+    tma = cls == "16bit" and use_tma(x.device, w1, v1)
+    with tma_workspace(x.device, tma):
+        launch(
+            _GLU_UP[cls],
+            grid,
+            x,
+            w1,
+            v1,
+            sorted_slots,
+            expert_offsets,
+            h,
+            gate,
+            up,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            x.shape[1],
+            ffn,
+            top_k,
+            x.stride(0),
+            x.stride(1),
+            w1.stride(0),
+            w1.stride(1),
+            v1.stride(0),
+            v1.stride(1),
+            NUM_EXPERTS=num_experts,
+            SAVE_PREACT=save_preact,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return h, gate, up
 
 
@@ -441,12 +477,24 @@ def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, mode, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors
     (see `launch_args` in moe_tiles.py), and the combine in every output dtype."""
     save_preact = ({"SAVE_PREACT": True}, {"SAVE_PREACT": False})
-    specs = gemm_specs("moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), variants=save_preact)
+    specs = gemm_specs(
+        "moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), fixed={"USE_TMA": False}, variants=save_preact
+    )
+    # sm_80 never takes a TMA path (where Triton would lower it to cp.async, and spill at some tiles).
+    tma = ({"USE_TMA": True},)
+    # The up kernel's TMA path in bf16 only: fp16 builds the same tiles (a different MMA type), and each of its
+    # 14 specs costs a compile per release in CI.
+    up_tma = gemm_specs(
+        "moe_glu_up",
+        _moe_glu_up_fwd_kernel,
+        {"16bit": _up_configs()["16bit"]},
+        variants=tuple({**mode, "USE_TMA": True} for mode in save_preact),
+        archs=(90,),
+    )
+    specs += [s for s in up_tma if " bf16 " in s.name]
     down_ptrs = ("weights_ptr", "y_ptr")
     specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), down_ptrs, fixed={"USE_TMA": False})
     tma_configs = {"16bit": _down_configs()["16bit"]}
-    # sm_80 never takes the TMA path (where Triton would lower it to cp.async, and spill at 64x128 and 64x256).
-    tma = ({"USE_TMA": True},)
     specs += gemm_specs("moe_down", _moe_down_fwd_kernel, tma_configs, down_ptrs, variants=tma, archs=(90,))
     for dtype in TRITON_DTYPES.values():
         name = f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}"

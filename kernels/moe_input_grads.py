@@ -55,8 +55,13 @@ from .moe_tiles import (
     grouped_tile,
     kernel_spec,
     launched_m_tiles,
+    load_tile,
     num_m_tiles_upper_bound,
+    span_rows,
+    tile_descriptor,
     tile_rows,
+    tma_workspace,
+    use_tma,
 )
 
 # The dweights partial buffer has one row per F-tile and is allocated before the autotuner picks a config, so every
@@ -186,6 +191,7 @@ def _moe_down_bwd_kernel(
     NUM_EXPERTS: tl.constexpr,
     STORE_H: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -193,7 +199,7 @@ def _moe_down_bwd_kernel(
 ):
     """dgate, dup and with STORE_H hw [num_rows, ffn] (contiguous, sorted order) and partial[pid_n, s] = sum over the
     F-tile of h * dh' (contiguous float32 [cdiv(ffn, BLOCK_N), num_rows], slot order) for the sorted rows p of
-    expert e."""
+    expert e. USE_TMA loads w2 through a descriptor (its innermost stride must be 1); dout rows are gathered."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
@@ -209,14 +215,26 @@ def _moe_down_bwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     dout_ptrs = dout_ptr + tokens[:, None] * stride_dout_t + ks[None, :] * stride_dout_h
     # w2_e.T as a [BLOCK_K, BLOCK_N] tile read straight from the [E*F, H] layout: an int64 offset to the tile's
-    # first row, int32 offsets within it.
+    # first row, int32 offsets within it. USE_TMA: a [BLOCK_N, BLOCK_K] block of w2 as [E, F, H] (zero past the
+    # expert's F rows), transposed in shared memory.
+    w2_src = tile_descriptor(
+        w2_ptr,
+        (NUM_EXPERTS, ffn, hidden),
+        (tl.cast(ffn, tl.int64) * stride_w2_r, stride_w2_r, 1),
+        (1, BLOCK_N, BLOCK_K),
+        USE_TMA,
+    )
     w2_ptrs = w2_ptr + (expert * ffn + pid_n * BLOCK_N).to(tl.int64) * stride_w2_r
     w2_ptrs += tl.arange(0, BLOCK_N)[None, :] * stride_w2_r + ks[:, None] * stride_w2_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_mask = ks < hidden - k0
         dout_tile = tl.load(dout_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w2_tile = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w2_tile = load_tile(
+            w2_src, (expert, pid_n * BLOCK_N, k0), w2_ptrs, k_mask[:, None] & col_mask[None, :], USE_TMA
+        )
+        if USE_TMA:  # the block holds w2_e's rows: [BLOCK_N, BLOCK_K]
+            w2_tile = tl.trans(w2_tile)
         acc = dot(dout_tile, w2_tile, acc, FP32_DOT)
         dout_ptrs += BLOCK_K * stride_dout_h
         w2_ptrs += BLOCK_K * stride_w2_h
@@ -294,29 +312,46 @@ def _accumulate_rows_times_expert(
     acc,
     a_ptr,
     b_ptr,
+    num_rows,
+    row_start,
     rows64,
     row_mask,
     expert,
+    n0,
     cols,
     col_mask,
+    hidden,
     ffn,
     stride_a_p,
     stride_a_f,
     stride_b_r,
     stride_b_h,
+    NUM_EXPERTS: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc + a[rows] @ b_e[:, cols] over K = ffn: a [num_rows, ffn] (sorted order), b [E*F, H] with b_e its rows
-    e*F:(e+1)*F. One dot per K-step, so the MMA pipeline stays full (two dots into one accumulator would drain it
-    between them)."""
+    """acc + a[rows] @ b_e[:, cols] over K = ffn (cols = n0 + arange(BLOCK_N)): a [num_rows, ffn] (sorted order),
+    b [E*F, H] with b_e its rows e*F:(e+1)*F. One dot per K-step, so the MMA pipeline stays full (two dots into one
+    accumulator would drain it between them). USE_TMA: a block of a past the expert's rows holds the next expert's
+    rows or zeros (masked at the store), b as [E, F, H] zero-fills past the expert's F rows."""
     ks = tl.arange(0, BLOCK_K)
+    a_src = tile_descriptor(a_ptr, (num_rows, ffn), (stride_a_p, 1), (BLOCK_M, BLOCK_K), USE_TMA)
+    b_src = tile_descriptor(
+        b_ptr,
+        (NUM_EXPERTS, ffn, hidden),
+        (tl.cast(ffn, tl.int64) * stride_b_r, stride_b_r, 1),
+        (1, BLOCK_K, BLOCK_N),
+        USE_TMA,
+    )
     a_ptrs = a_ptr + rows64[:, None] * stride_a_p + ks[None, :] * stride_a_f
     b_ptrs = b_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_b_r + cols[None, :] * stride_b_h
     for k0 in range(0, ffn, BLOCK_K):
         k_mask = ks < ffn - k0
-        a_tile = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_tile = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a_tile = load_tile(a_src, (row_start, k0), a_ptrs, row_mask[:, None] & k_mask[None, :], USE_TMA)
+        b_tile = load_tile(b_src, (expert, k0, n0), b_ptrs, k_mask[:, None] & col_mask[None, :], USE_TMA)
         acc = dot(a_tile, b_tile, acc, FP32_DOT)
         a_ptrs += BLOCK_K * stride_a_f
         b_ptrs += BLOCK_K * stride_b_r
@@ -346,6 +381,7 @@ def _moe_up_dgrad_kernel(
     stride_v1_h,
     NUM_EXPERTS: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -354,15 +390,16 @@ def _moe_up_dgrad_kernel(
     """dx_slot[s, n] = dgate[p] @ w1_e[:, n] + dup[p] @ v1_e[:, n] for sorted rows p of expert e, s = sorted_slots[p].
 
     Two K loops back to back into one accumulator (the dgate @ w1_e term, then the dup @ v1_e one), each one dot per
-    K-step. dx_slot is contiguous float32 [num_rows, hidden] in slot order."""
+    K-step. dx_slot is contiguous float32 [num_rows, hidden] in slot order. USE_TMA loads dgate, dup (sorted order)
+    and the weights through descriptors (innermost strides 1)."""
     num_pid_m = launched_m_tiles(num_rows, NUM_EXPERTS, BLOCK_M)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert, rows, slots, row_mask = tile_rows(
-        pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M
-    )
+    expert, row_start, row_end = expert_tile(pid_m, expert_offsets_ptr, NUM_EXPERTS, BLOCK_M)
+    rows, _, row_mask = span_rows(row_start, row_end, sorted_slots_ptr, num_rows, BLOCK_M)
     if expert < 0:
         return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -370,34 +407,50 @@ def _moe_up_dgrad_kernel(
         acc,
         dgate_ptr,
         w1_ptr,
+        num_rows,
+        row_start,
         rows64,
         row_mask,
         expert,
+        n0,
         cols,
         col_mask,
+        hidden,
         ffn,
         stride_dgate_p,
         stride_dgate_f,
         stride_w1_r,
         stride_w1_h,
+        NUM_EXPERTS,
         FP32_DOT,
+        USE_TMA,
+        BLOCK_M,
+        BLOCK_N,
         BLOCK_K,
     )
     acc = _accumulate_rows_times_expert(
         acc,
         dup_ptr,
         v1_ptr,
+        num_rows,
+        row_start,
         rows64,
         row_mask,
         expert,
+        n0,
         cols,
         col_mask,
+        hidden,
         ffn,
         stride_dup_p,
         stride_dup_f,
         stride_v1_r,
         stride_v1_h,
+        NUM_EXPERTS,
         FP32_DOT,
+        USE_TMA,
+        BLOCK_M,
+        BLOCK_N,
         BLOCK_K,
     )
 
@@ -409,10 +462,12 @@ def _moe_up_dgrad_kernel(
 
 # Keys: the row bucket, the widths and every constexpr a launch passes (each changes the code).
 _DOWN_BWD = autotuned_by_class(
-    _moe_down_bwd_kernel, _down_bwd_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "STORE_H", "FP32_DOT"]
+    _moe_down_bwd_kernel,
+    _down_bwd_configs(),
+    ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "STORE_H", "FP32_DOT", "USE_TMA"],
 )
 _UP_DGRAD = autotuned_by_class(
-    _moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT"]
+    _moe_up_dgrad_kernel, _up_dgrad_configs(), ["rows_bucket", "hidden", "ffn", "NUM_EXPERTS", "FP32_DOT", "USE_TMA"]
 )
 
 
@@ -454,40 +509,43 @@ def moe_down_bwd(
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * num_partials,)
 
     cls, fp32_dot = gemm_class(gate.dtype)
-    launch(
-        _DOWN_BWD[cls],
-        grid,
-        dout,
-        gate,
-        up,
-        w2,
-        weights,
-        sorted_slots,
-        expert_offsets,
-        dgate,
-        dup,
-        hw if store_h else dgate,  # not written without STORE_H
-        partial,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        dout.stride(0),
-        dout.stride(1),
-        gate.stride(0),
-        gate.stride(1),
-        up.stride(0),
-        up.stride(1),
-        w2.stride(0),
-        w2.stride(1),
-        weights.stride(0),
-        weights.stride(1),
-        NUM_EXPERTS=num_experts,
-        STORE_H=store_h,
-        FP32_DOT=fp32_dot,
-        BLOCK_N=_DOWN_BWD_BLOCK_N,
-    )
+    tma = cls == "16bit" and use_tma(gate.device, w2)
+    with tma_workspace(gate.device, tma):
+        launch(
+            _DOWN_BWD[cls],
+            grid,
+            dout,
+            gate,
+            up,
+            w2,
+            weights,
+            sorted_slots,
+            expert_offsets,
+            dgate,
+            dup,
+            hw if store_h else dgate,  # not written without STORE_H
+            partial,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            dout.stride(0),
+            dout.stride(1),
+            gate.stride(0),
+            gate.stride(1),
+            up.stride(0),
+            up.stride(1),
+            w2.stride(0),
+            w2.stride(1),
+            weights.stride(0),
+            weights.stride(1),
+            NUM_EXPERTS=num_experts,
+            STORE_H=store_h,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+            BLOCK_N=_DOWN_BWD_BLOCK_N,
+        )
     grid = (triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK),)
     launch(
         _moe_sum_partials_kernel,
@@ -539,31 +597,34 @@ def moe_up_dgrad(
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
 
     cls, fp32_dot = gemm_class(dgate.dtype)
-    launch(
-        _UP_DGRAD[cls],
-        grid,
-        dgate,
-        dup,
-        w1,
-        v1,
-        sorted_slots,
-        expert_offsets,
-        dx_slot,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        dgate.stride(0),
-        dgate.stride(1),
-        dup.stride(0),
-        dup.stride(1),
-        w1.stride(0),
-        w1.stride(1),
-        v1.stride(0),
-        v1.stride(1),
-        NUM_EXPERTS=num_experts,
-        FP32_DOT=fp32_dot,
-    )
+    tma = cls == "16bit" and use_tma(dgate.device, dgate, dup, w1, v1)
+    with tma_workspace(dgate.device, tma):
+        launch(
+            _UP_DGRAD[cls],
+            grid,
+            dgate,
+            dup,
+            w1,
+            v1,
+            sorted_slots,
+            expert_offsets,
+            dx_slot,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            dgate.stride(0),
+            dgate.stride(1),
+            dup.stride(0),
+            dup.stride(1),
+            w1.stride(0),
+            w1.stride(1),
+            v1.stride(0),
+            v1.stride(1),
+            NUM_EXPERTS=num_experts,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return moe_combine(dx_slot, top_k, dgate.dtype)
 
 
@@ -575,10 +636,33 @@ def compile_specs() -> list[CompileSpec]:
         _moe_down_bwd_kernel,
         _down_bwd_configs(),
         ("weights_ptr", "partial_ptr"),
-        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
+        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N, "USE_TMA": False},
         variants=({"STORE_H": True}, {"STORE_H": False}),
     )
-    specs += gemm_specs("moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",))
+    # The TMA paths: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
+    down_bwd_tma = gemm_specs(
+        "moe_down_bwd",
+        _moe_down_bwd_kernel,
+        {"16bit": _down_bwd_configs()["16bit"]},
+        ("weights_ptr", "partial_ptr"),
+        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
+        variants=({"STORE_H": True, "USE_TMA": True}, {"STORE_H": False, "USE_TMA": True}),
+        archs=(90,),
+    )
+    specs += [s for s in down_bwd_tma if " bf16 " in s.name]
+    specs += gemm_specs(
+        "moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",), fixed={"USE_TMA": False}
+    )
+    # The TMA path: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
+    dgrad_tma = gemm_specs(
+        "moe_up_dgrad",
+        _moe_up_dgrad_kernel,
+        {"16bit": _up_dgrad_configs()["16bit"]},
+        ("dx_slot_ptr",),
+        variants=({"USE_TMA": True},),
+        archs=(90,),
+    )
+    specs += [s for s in dgrad_tma if " bf16 " in s.name]
     name = f"moe_sum_partials fp32 BLOCK={_SUM_PARTIALS_BLOCK}"
     specs.append(kernel_spec(name, _moe_sum_partials_kernel, "fp32", (), 4, BLOCK=_SUM_PARTIALS_BLOCK))
     return specs

@@ -42,7 +42,19 @@ from .moe_checks import (
     check_routing,
     check_top_k,
 )
-from .moe_tiles import autotuned_by_class, config, dot, expert_rows, gemm_class, gemm_specs, grouped_tile
+from .moe_tiles import (
+    autotuned_by_class,
+    config,
+    dot,
+    expert_rows,
+    gemm_class,
+    gemm_specs,
+    grouped_tile,
+    load_tile,
+    tile_descriptor,
+    tma_workspace,
+    use_tma,
+)
 
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
 # and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_F sets the F
@@ -156,21 +168,30 @@ def _moe_down_wgrad_kernel(
     stride_dout_t,
     stride_dout_h,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP_F: tl.constexpr,
 ):
     """dw2[e*F + f, n] = sum_p hw[p, f] * dout[t, n] over expert e's sorted rows p, in row order, where
-    hw = weights.flat[s] * h is `moe_down_bwd`'s. dw2 is contiguous [E*ffn, hidden]."""
+    hw = weights.flat[s] * h is `moe_down_bwd`'s. dw2 is contiguous [E*ffn, hidden]. USE_TMA loads hw through a
+    descriptor (innermost stride 1); dout rows are gathered."""
     expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
+    # USE_TMA: hw as a [row_end, ffn] descriptor, so a chunk past the expert's last row is zero, not the next
+    # expert's rows. Its first F column: _wgrad_tile gives the columns.
+    h_src = tile_descriptor(h_ptr, (row_end, ffn), (stride_h_r, 1), (BLOCK_M, BLOCK_F), USE_TMA)
+    f0 = tl.min(fs, axis=0)
     acc = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
         dout = _gathered(dout_ptr, tokens, row_mask, hs, h_mask, stride_dout_t, stride_dout_h)
         tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        hw_t = _rows_t(h_ptr, p0, row_end, fs, f_mask, stride_h_r, stride_h_f, BLOCK_M)
+        if USE_TMA:
+            hw_t = tl.trans(load_tile(h_src, (p0, f0), None, None, USE_TMA))
+        else:
+            hw_t = _rows_t(h_ptr, p0, row_end, fs, f_mask, stride_h_r, stride_h_f, BLOCK_M)
         acc = dot(hw_t, dout, acc, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     tl.store(dw2_ptr + out_offs, acc.to(dw2_ptr.dtype.element_ty), mask=f_mask[:, None] & h_mask[None, :])
@@ -197,6 +218,7 @@ def _moe_up_wgrad_kernel(
     stride_x_t,
     stride_x_h,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -206,15 +228,25 @@ def _moe_up_wgrad_kernel(
     row order. dw1 and dv1 are contiguous [E*ffn, hidden]."""
     expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
+    # USE_TMA: dgate and dup as [row_end, ffn] descriptors (see _moe_down_wgrad_kernel).
+    dgate_src = tile_descriptor(dgate_ptr, (row_end, ffn), (stride_dgate_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
+    dup_src = tile_descriptor(dup_ptr, (row_end, ffn), (stride_dup_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
+    f0 = tl.min(fs, axis=0)
     acc_w1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     acc_v1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
         x_tile = _gathered(x_ptr, tokens, row_mask, hs, h_mask, stride_x_t, stride_x_h)
         tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
+        if USE_TMA:
+            dgate_t = tl.trans(load_tile(dgate_src, (p0, f0), None, None, USE_TMA))
+        else:
+            dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
         acc_w1 = dot(dgate_t, x_tile, acc_w1, FP32_DOT)
-        dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
+        if USE_TMA:
+            dup_t = tl.trans(load_tile(dup_src, (p0, f0), None, None, USE_TMA))
+        else:
+            dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
         acc_v1 = dot(dup_t, x_tile, acc_v1, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     out_mask = f_mask[:, None] & h_mask[None, :]
@@ -224,9 +256,11 @@ def _moe_up_wgrad_kernel(
 
 # Keys: the row bucket (it sets each program's trip count), the widths and FP32_DOT.
 _DOWN_WGRAD = autotuned_by_class(
-    _moe_down_wgrad_kernel, _down_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"]
+    _moe_down_wgrad_kernel, _down_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT", "USE_TMA"]
 )
-_UP_WGRAD = autotuned_by_class(_moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT"])
+_UP_WGRAD = autotuned_by_class(
+    _moe_up_wgrad_kernel, _up_wgrad_configs(), ["rows_bucket", "hidden", "ffn", "FP32_DOT", "USE_TMA"]
+)
 
 
 def _grid(num_experts: int, ffn: int, hidden: int):
@@ -264,25 +298,28 @@ def moe_down_wgrad(
     if dw2.numel() == 0:
         return dw2
     cls, fp32_dot = gemm_class(hw.dtype)
-    launch(
-        _DOWN_WGRAD[cls],
-        _grid(num_experts, ffn, hidden),
-        hw,
-        dout,
-        sorted_slots,
-        expert_offsets,
-        dw2,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        hw.stride(0),
-        hw.stride(1),
-        dout.stride(0),
-        dout.stride(1),
-        FP32_DOT=fp32_dot,
-    )
+    tma = cls == "16bit" and use_tma(hw.device, hw)
+    with tma_workspace(hw.device, tma):
+        launch(
+            _DOWN_WGRAD[cls],
+            _grid(num_experts, ffn, hidden),
+            hw,
+            dout,
+            sorted_slots,
+            expert_offsets,
+            dw2,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            hw.stride(0),
+            hw.stride(1),
+            dout.stride(0),
+            dout.stride(1),
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return dw2
 
 
@@ -314,34 +351,54 @@ def moe_up_wgrad(
         return dw1, dv1
 
     cls, fp32_dot = gemm_class(x.dtype)
-    launch(
-        _UP_WGRAD[cls],
-        _grid(num_experts, ffn, hidden),
-        dgate,
-        dup,
-        x,
-        sorted_slots,
-        expert_offsets,
-        dw1,
-        dv1,
-        num_rows,
-        triton.next_power_of_2(num_rows),
-        hidden,
-        ffn,
-        top_k,
-        dgate.stride(0),
-        dgate.stride(1),
-        dup.stride(0),
-        dup.stride(1),
-        x.stride(0),
-        x.stride(1),
-        FP32_DOT=fp32_dot,
-    )
+    tma = cls == "16bit" and use_tma(x.device, dgate, dup)
+    with tma_workspace(x.device, tma):
+        launch(
+            _UP_WGRAD[cls],
+            _grid(num_experts, ffn, hidden),
+            dgate,
+            dup,
+            x,
+            sorted_slots,
+            expert_offsets,
+            dw1,
+            dv1,
+            num_rows,
+            triton.next_power_of_2(num_rows),
+            hidden,
+            ffn,
+            top_k,
+            dgate.stride(0),
+            dgate.stride(1),
+            dup.stride(0),
+            dup.stride(1),
+            x.stride(0),
+            x.stride(1),
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return dw1, dv1
 
 
 def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, autotune config) the weight-gradient kernels launch with, at DBRX's shapes (see
     `launch_args` in moe_tiles.py)."""
-    specs = gemm_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs())
-    return specs + gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs())
+    specs = gemm_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs(), fixed={"USE_TMA": False})
+    # The TMA path: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
+    tma = gemm_specs(
+        "moe_down_wgrad",
+        _moe_down_wgrad_kernel,
+        {"16bit": _down_wgrad_configs()["16bit"]},
+        variants=({"USE_TMA": True},),
+        archs=(90,),
+    )
+    specs += [s for s in tma if " bf16 " in s.name]
+    specs += gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs(), fixed={"USE_TMA": False})
+    tma = gemm_specs(
+        "moe_up_wgrad",
+        _moe_up_wgrad_kernel,
+        {"16bit": _up_wgrad_configs()["16bit"]},
+        variants=({"USE_TMA": True},),
+        archs=(90,),
+    )
+    return specs + [s for s in tma if " bf16 " in s.name]
