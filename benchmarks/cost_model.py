@@ -15,7 +15,8 @@ the experts as evenly as they go, so min(E, T*k) experts are used):
     id through `grouped_tile`), in waves of SMs x blocks-per-SM programs that start and progress together.
   * Blocks per SM: the most that fit the SM's shared memory (num_stages buffers of each per-K-step operand tile) and
     its registers (the fp32 accumulators spread over the block's threads, plus 32 a thread for addresses and loop
-    state), at most 2048 threads. An estimate: the compiled code can hold more (python -m dbrx_fast.inspect).
+    state), at most 2048 threads: an estimate, used where the compile-check table (benchmarks/results/compile-check,
+    what the compiled sm_90 code holds) has no row for the tiles.
   * The programs of one wave share an operand tile through L2 (they walk K in step, so a wave's live slices fit).
     A later wave finds a K-chunk of it in L2 when the bytes touched in between fit the L2 (`Gpu.l2_bytes`, an LRU
     of 50 MB on an H100 or H200): the other tiles and the outputs of the waves between the two reads, which for one
@@ -37,8 +38,10 @@ The dense reference: a matmul of equal FLOPs, [T*k, H] x [H, F] repeated, each r
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
+import triton
 
 from dbrx_fast.kernels import moe_experts, moe_input_grads, moe_weight_grads
 from dbrx_fast.kernels.moe_tiles import gemm_class, num_m_tiles_upper_bound
@@ -69,6 +72,7 @@ GPUS = {"h100": H100_SXM, "h200": H200}
 
 DBRX = {"hidden": 6144, "ffn": 10752, "experts": 16, "top_k": 4}
 _ITEMSIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+_COMPILE_CHECK = Path(__file__).resolve().parent / "results" / "compile-check"
 
 
 def gpu_for(device_name: str) -> Gpu:
@@ -142,13 +146,34 @@ class KernelCost:
         return max(times, key=times.get)
 
 
-def _pinned(tuners: dict, dtype: torch.dtype):
-    """The pinned config of the launch's GEMM class."""
-    return tuners[gemm_class(dtype)[0]].all_configs[0]
+def _pinned(tuners: dict, dtype: torch.dtype, kernel: str, blocks_per_sm: int | None):
+    """The pinned config of the launch's GEMM class, and its blocks per SM: blocks_per_sm if given, else the compiled
+    code's (`_compiled_blocks_per_sm`), else None (the model's estimate)."""
+    cfg = tuners[gemm_class(dtype)[0]].all_configs[0]
+    return cfg, blocks_per_sm or _compiled_blocks_per_sm(kernel, dtype, cfg)
 
 
 def _describe(cfg) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _compiled_blocks_per_sm(kernel: str, dtype: torch.dtype, cfg) -> int | None:
+    """Blocks per SM of this launch on sm_90 as the compile-check table of the installed Triton (else the newest one)
+    reads them from the compiled code, or None where no row has its tiles (GROUP_* set the order, not the resources;
+    of rows that differ in other flags, the fewest blocks)."""
+    tables = sorted(_COMPILE_CHECK.glob("triton-*.txt"))
+    installed = _COMPILE_CHECK / f"triton-{triton.__version__}.txt"
+    if not tables:
+        return None
+    want = {f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith("GROUP_")}
+    want |= {f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"}
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    found = []
+    for line in (installed if installed in tables else tables[-1]).read_text().splitlines():
+        words = line.split()
+        if len(words) > 4 and words[:2] == [kernel, dtype_name] and "sm_90" in words and want <= set(words):
+            found.append(int(words[-3]))
+    return min(found, default=None)
 
 
 def _blocks_per_sm(gpu: Gpu, cfg, acc_elems: int, stage_bytes: int) -> int:
@@ -252,7 +277,7 @@ def _grouped_gemm(
     return a_moved, b_moved, in_flight, f"{_describe(cfg)}, {num_pid_m}x{num_pid_n} tiles"
 
 
-def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, blocks_per_sm):
+def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, blocks):
     """(a moved, b moved, in_flight, tiles, the best order's a + b moved) of a weight-gradient launch, ordered as
     `_wgrad_tile` (kernels/moe_weight_grads.py) orders it: experts slowest, then groups of GROUP_H H-tiles sweeping
     the F-tiles. Each program walks its expert's rows, reading an [rows_e, BLOCK_F] tile of each of a_tensors [T*k, F]
@@ -266,7 +291,7 @@ def _expert_grid(shape, gpu, cfg, a_tensors, acc_count, blocks_per_sm):
     counts = torch.tensor(shape.counts(), dtype=torch.int64)
     live = counts[e] > 0
     f, h, e = f[live], h[live], e[live]
-    in_flight = gpu.sms * (blocks_per_sm or _blocks_per_sm(gpu, cfg, acc_count * bf * bh, stage_bytes))
+    in_flight = gpu.sms * (blocks or _blocks_per_sm(gpu, cfg, acc_count * bf * bh, stage_bytes))
     waves = torch.arange(f.numel(), dtype=torch.int64) // in_flight
     f_cols = torch.clamp(shape.ffn - torch.arange(nf) * bf, max=bf)
     h_cols = torch.clamp(shape.hidden - torch.arange(nh) * bh, max=bh)
@@ -321,12 +346,12 @@ def forward(shape: Shape, gpu: Gpu = H100_SXM, save_preact: bool = False, blocks
     route = KernelCost(
         "route_fwd", 0.0, 2.0 * t * e, {"logits": (t * e * s,) * 2, "weights, ids, slots, offsets": (3 * meta,) * 2}
     )
-    cfg = _pinned(moe_experts._GLU_UP, shape.dtype)
+    cfg, blocks = _pinned(moe_experts._GLU_UP, shape.dtype, "moe_glu_up", blocks_per_sm)
     # BLOCK_N is the [w1|v1] B tile's width: a program owns BLOCK_N // 2 columns of h (one accumulator of
     # BLOCK_N columns, counted here as two of BLOCK_N // 2).
     block_n = cfg.kwargs["BLOCK_N"] // 2
     written = (3 if save_preact else 1) * r * f * s
-    x_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 2, 2, written, blocks_per_sm, block_n)
+    x_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 2, 2, written, blocks, block_n)
     up = KernelCost(
         "moe_glu_up",
         2 * 2.0 * r * h * f,
@@ -340,8 +365,8 @@ def forward(shape: Shape, gpu: Gpu = H100_SXM, save_preact: bool = False, blocks
         tiles,
         flight,
     )
-    cfg = _pinned(moe_experts._DOWN, shape.dtype)
-    h_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 1, 1, 1, r * h * 4.0, blocks_per_sm)
+    cfg, blocks = _pinned(moe_experts._DOWN, shape.dtype, "moe_down", blocks_per_sm)
+    h_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 1, 1, 1, r * h * 4.0, blocks)
     down = KernelCost(
         "moe_down",
         2.0 * r * f * h,
@@ -369,11 +394,11 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
     casts = KernelCost(
         "dout casts (torch)", 0.0, 0.0, {"dout": (2 * t * h * s,) * 2, "dout (fp32)": (2 * t * h * 4,) * 2}
     )
-    cfg = _pinned(moe_input_grads._DOWN_BWD, shape.dtype)
+    cfg, blocks = _pinned(moe_input_grads._DOWN_BWD, shape.dtype, "moe_down_bwd", blocks_per_sm)
     block_n = moe_input_grads._DOWN_BWD_BLOCK_N
     partials = -(-f // block_n) * r * 4
     written = 3 * r * f * s + partials
-    dout_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 1, 1, written, blocks_per_sm, block_n)
+    dout_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, f, h, 1, 1, 1, written, blocks, block_n)
     down_bwd = KernelCost(
         "moe_down_bwd",
         2.0 * r * h * f,
@@ -390,10 +415,10 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
         flight,
     )
     sum_partials = KernelCost("moe_sum_partials", 0.0, 0.0, {"partials": (partials,) * 2, "dweights": (r * 4,) * 2})
-    cfg = _pinned(moe_input_grads._UP_DGRAD, shape.dtype)
+    cfg, blocks = _pinned(moe_input_grads._UP_DGRAD, shape.dtype, "moe_up_dgrad", blocks_per_sm)
     # Two K loops, dgate @ w1_e then dup @ v1_e.
     written = r * h * 4.0
-    d_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 2, 2, 1, written, blocks_per_sm, k_loops=2)
+    d_moved, w_moved, flight, tiles = _grouped_gemm(shape, gpu, cfg, h, f, 2, 2, 1, written, blocks, k_loops=2)
     up_dgrad = KernelCost(
         "moe_up_dgrad",
         2 * 2.0 * r * f * h,
@@ -408,8 +433,8 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
         flight,
     )
     combine = KernelCost("moe_combine (dx)", 0.0, 0.0, {"dx_slot (fp32)": (r * h * 4.0,) * 2, "dx": (t * h * s,) * 2})
-    cfg = _pinned(moe_weight_grads._UP_WGRAD, shape.dtype)
-    d_moved, x_moved, flight, tiles, best = _expert_grid(shape, gpu, cfg, 2, 2, blocks_per_sm)
+    cfg, blocks = _pinned(moe_weight_grads._UP_WGRAD, shape.dtype, "moe_up_wgrad", blocks_per_sm)
+    d_moved, x_moved, flight, tiles, best = _expert_grid(shape, gpu, cfg, 2, 2, blocks)
     up_wgrad = KernelCost(
         "moe_up_wgrad",
         2 * 2.0 * r * f * h,
@@ -424,8 +449,8 @@ def backward(shape: Shape, gpu: Gpu = H100_SXM, blocks_per_sm: int | None = None
         flight,
     )
     up_wgrad.best_moved = up_wgrad.moved - d_moved - x_moved + best
-    cfg = _pinned(moe_weight_grads._DOWN_WGRAD, shape.dtype)
-    hw_moved, dout_moved, flight, tiles, best = _expert_grid(shape, gpu, cfg, 1, 1, blocks_per_sm)
+    cfg, blocks = _pinned(moe_weight_grads._DOWN_WGRAD, shape.dtype, "moe_down_wgrad", blocks_per_sm)
+    hw_moved, dout_moved, flight, tiles, best = _expert_grid(shape, gpu, cfg, 1, 1, blocks)
     down_wgrad = KernelCost(
         "moe_down_wgrad",
         2.0 * r * f * h,

@@ -147,6 +147,26 @@ def test_more_l2_never_moves_more(cm, tokens):
             assert expected[0] <= moved <= expected[1] * (1 + 1e-12), (c.name, operand, compulsory, moved)
 
 
+def test_in_flight_follows_the_compiled_code(cm):
+    """Each GEMM's wave is 132 SMs times the blocks per SM that the compile-check table reads from the compiled sm_90
+    code of its pinned tiles; moe_down_bwd's epilogue registers leave it one block, which the estimate put at two."""
+    costs = _by_name(cm.layer(cm.Shape(4096, **DBRX), "full"))
+    tuners = {
+        "moe_glu_up": "moe_experts._GLU_UP",
+        "moe_down": "moe_experts._DOWN",
+        "moe_down_bwd": "moe_input_grads._DOWN_BWD",
+        "moe_up_dgrad": "moe_input_grads._UP_DGRAD",
+        "moe_up_wgrad": "moe_weight_grads._UP_WGRAD",
+        "moe_down_wgrad": "moe_weight_grads._DOWN_WGRAD",
+    }
+    for name, path in tuners.items():
+        module, tuner = path.split(".")
+        cfg = getattr(getattr(cm, module), tuner)["16bit"].all_configs[0]
+        blocks = cm._compiled_blocks_per_sm(name, torch.bfloat16, cfg)
+        assert blocks is not None and costs[name].in_flight == 132 * blocks, (name, blocks, costs[name].in_flight)
+    assert costs["moe_down_bwd"].in_flight == 132
+
+
 def test_tiles_follow_the_kernels_configs(cm, monkeypatch):
     from dbrx_fast.kernels import moe_experts, moe_weight_grads
     from dbrx_fast.kernels.moe_tiles import config
