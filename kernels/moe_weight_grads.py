@@ -48,14 +48,15 @@ from .moe_tiles import autotuned_by_class, config, dot, expert_rows, gemm_class,
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
 # and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_H sets the H
 # width of a group of programs (see _wgrad_tile): 3072 columns in 16 bits, the width that minimises the bytes
-# benchmarks/cost_model.py counts at DBRX's shapes and T = 16384 in a 50 MB L2; 1536 in fp32 (twice the bytes a
-# slab), but 3072 for the fp32_dot 64x128 tiles (with 12 H-tiles a group they spilled 8 bytes on sm_90, Triton 3.9).
+# benchmarks/cost_model.py counts at DBRX's shapes and T = 16384 in a 50 MB L2; 1536 in tf32 (twice the bytes a
+# slab). The fp32_dot tiles, at ptxas' register limit, take groups they compile with unspilled on both releases.
 
 
 def _down_wgrad_configs() -> dict[str, list]:
     """dw2 tiles (output [BLOCK_F, BLOCK_H], K = the expert's rows in steps of BLOCK_M). In 16 bits the 4-warp tiles
     with BLOCK_F = 128 step 16 rows: with 32 they spilled on sm_80 with Triton 3.6 (measured when the kernel still
-    recomputed h). fp32_dot steps 16 rows: 64x128 with 32 spills on sm_80."""
+    recomputed h). fp32_dot steps 16 rows: 64x128 with 32 spills on sm_80, and with the grid grouping H-tiles 64x128
+    spilled a few bytes on sm_80 or sm_90 (Triton 3.6 or 3.9) whatever the group, 128x64 none."""
     return {
         "16bit": [
             config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_H=24),
@@ -70,7 +71,7 @@ def _down_wgrad_configs() -> dict[str, list]:
             config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_H=24),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_H=24),
+            config(8, 2, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_H=48),
             config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_H=24),
         ],
     }
@@ -107,10 +108,11 @@ def _wgrad_tile(ffn, hidden, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, GROUP
     num_h = tl.cdiv(hidden, BLOCK_H)
     per_expert = tl.cdiv(ffn, BLOCK_F) * num_h
     pid = tl.program_id(0)
-    pid_h, pid_f = grouped_tile(pid % per_expert, num_h, tl.cdiv(ffn, BLOCK_F), GROUP_H)
+    expert = pid // per_expert
+    pid_h, pid_f = grouped_tile(pid - expert * per_expert, num_h, tl.cdiv(ffn, BLOCK_F), GROUP_H)
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    return pid // per_expert, fs, hs, fs < ffn, hs < hidden
+    return expert, fs, hs, fs < ffn, hs < hidden
 
 
 @triton.jit
