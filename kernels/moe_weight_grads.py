@@ -14,14 +14,15 @@ One program per (expert, F-tile, H-tile) walks the expert's rows in order (their
 synchronisation), so each sum is deterministic and an empty expert writes zeros. Every row range and slot read from the
 routing metadata is clamped or masked, so corrupt metadata gives undefined gradients but no access out of bounds.
 
-Grid order (`_wgrad_tile`): experts slowest, and within an expert groups of GROUP_F F-tiles sweep the H-tiles, so the
-programs in flight (one to two waves of the SMs) cover a block of GROUP_F F-tiles by many H-tiles: each [rows, BLOCK_F]
-slab of hw (or dgate/dup) is streamed from DRAM about cdiv(H-tiles, H-tiles per wave) times instead of once per H-tile,
-and each gathered [rows, BLOCK_H] slab of dout (or x) about F-tiles / GROUP_F times (benchmarks/cost_model.py counts
-both). Main loop: the next chunk's token ids are loaded one iteration ahead into registers, so the gathered loads'
-addresses come from a loop-carried value and the software pipeliner keeps num_stages - 1 chunks of both operands in
-flight (an in-loop index load made it wait for all copies every iteration). Bound: tensor-core FLOPs at DBRX widths
-and T = 16384, DRAM bytes at small T.
+Grid order (`_wgrad_tile`): experts slowest, and within an expert groups of GROUP_H H-tiles sweep the F-tiles, so a
+wave of programs covers GROUP_H H-tiles by a few F-tiles: the group's gathered [rows, BLOCK_H] slabs of dout (or x)
+stay in L2 from wave to wave while the wave and its writes fit there (24 slabs of 128 columns: 24 MB at 4096 rows an
+expert, T = 16384 at DBRX widths), so they are read about once and each [rows, BLOCK_F] slab of hw (or dgate/dup)
+once per group (benchmarks/cost_model.py counts both, and the best order of these tiles). Main loop: the next
+chunk's token ids are loaded one iteration ahead into registers, so the gathered loads' addresses come from a
+loop-carried value and the software pipeliner keeps num_stages - 1 chunks of both operands in flight (an in-loop
+index load made it wait for all copies every iteration). Bound: tensor-core FLOPs at DBRX widths and T = 16384, DRAM
+bytes at small T.
 
 Limits: fp16, bf16 and fp32, every floating tensor in one dtype (the routing weights are float32); fp32 multiplies in
 full fp32 unless torch.set_float32_matmul_precision allows TF32; float64 raises TypeError so that callers fall back
@@ -57,31 +58,33 @@ from .moe_tiles import (
 )
 
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
-# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_F sets the F
-# width of a group of programs (see _wgrad_tile): 1536 columns for dw2 and 1024 for dw1/dv1, which stream two
-# [rows, BLOCK_F] operands; the widths that minimise the bytes benchmarks/cost_model.py counts at DBRX's shapes.
+# and 3.9 (their ptxas differ); the tiles left out spilled or overflowed sm_80's shared memory. GROUP_H sets the H
+# width of a group of programs (see _wgrad_tile): 3072 columns in 16 bits, the width that minimises the bytes
+# benchmarks/cost_model.py counts at DBRX's shapes and T = 16384 in a 50 MB L2; 1536 in tf32 (twice the bytes a
+# slab). The fp32_dot tiles, at ptxas' register limit, take groups they compile with unspilled on both releases.
 
 
 def _down_wgrad_configs() -> dict[str, list]:
     """dw2 tiles (output [BLOCK_F, BLOCK_H], K = the expert's rows in steps of BLOCK_M). In 16 bits the 4-warp tiles
     with BLOCK_F = 128 step 16 rows: with 32 they spilled on sm_80 with Triton 3.6 (measured when the kernel still
-    recomputed h). fp32_dot steps 16 rows: 64x128 with 32 spills on sm_80."""
+    recomputed h). fp32_dot steps 16 rows: 64x128 with 32 spills on sm_80, and with the grid grouping H-tiles 64x128
+    spilled a few bytes on sm_80 or sm_90 (Triton 3.6 or 3.9) whatever the group, 128x64 none."""
     return {
         "16bit": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
-            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=12),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
-            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_F=12),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_H=24),
+            config(4, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_H=24),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_H=24),
+            config(4, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_H=48),
         ],
         "tf32": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=12),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64, GROUP_F=24),
-            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=24),
-            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=12),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_H=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=64, GROUP_H=12),
+            config(4, 4, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_H=12),
+            config(8, 4, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_H=24),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=24),
-            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=24),
+            config(8, 2, BLOCK_F=128, BLOCK_H=64, BLOCK_M=16, GROUP_H=48),
+            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_H=24),
         ],
     }
 
@@ -91,36 +94,37 @@ def _up_wgrad_configs() -> dict[str, list]:
     16 bits and 16 in tf32: twice that spills on sm_80 with Triton 3.6."""
     return {
         "16bit": [
-            config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64, GROUP_F=8),
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_F=8),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
-            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_F=8),
+            config(8, 3, BLOCK_F=128, BLOCK_H=128, BLOCK_M=64, GROUP_H=24),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=32, GROUP_H=24),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_H=24),
+            config(4, 3, BLOCK_F=128, BLOCK_H=64, BLOCK_M=32, GROUP_H=48),
         ],
         "tf32": [
-            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_F=8),
-            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
-            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_F=16),
+            config(8, 4, BLOCK_F=128, BLOCK_H=128, BLOCK_M=16, GROUP_H=12),
+            config(4, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_H=12),
+            config(8, 3, BLOCK_F=64, BLOCK_H=128, BLOCK_M=32, GROUP_H=12),
         ],
         "fp32_dot": [
-            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_F=16),
-            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_F=16),
-            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16, GROUP_F=32),
+            config(8, 2, BLOCK_F=64, BLOCK_H=128, BLOCK_M=16, GROUP_H=24),
+            config(4, 2, BLOCK_F=64, BLOCK_H=64, BLOCK_M=16, GROUP_H=24),
+            config(4, 2, BLOCK_F=32, BLOCK_H=128, BLOCK_M=16, GROUP_H=12),
         ],
     }
 
 
 @triton.jit
-def _wgrad_tile(ffn, hidden, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_F: tl.constexpr):
+def _wgrad_tile(ffn, hidden, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_H: tl.constexpr):
     """(expert, F columns, H columns, their masks) of this program. Experts are the slowest axis; within one, groups
-    of GROUP_F F-tiles sweep the H-tiles together (`grouped_tile`), so the programs in flight cover a block of
-    GROUP_F F-tiles by many H-tiles and share both operands' tiles through L2."""
-    num_f = tl.cdiv(ffn, BLOCK_F)
-    per_expert = num_f * tl.cdiv(hidden, BLOCK_H)
+    of GROUP_H H-tiles sweep the F-tiles together (`grouped_tile`), so the group's gathered slabs stay in L2 while
+    the waves of programs stream the F-side slabs past them."""
+    num_h = tl.cdiv(hidden, BLOCK_H)
+    per_expert = tl.cdiv(ffn, BLOCK_F) * num_h
     pid = tl.program_id(0)
-    pid_f, pid_h = grouped_tile(pid % per_expert, num_f, tl.cdiv(hidden, BLOCK_H), GROUP_F)
+    expert = pid // per_expert
+    pid_h, pid_f = grouped_tile(pid - expert * per_expert, num_h, tl.cdiv(ffn, BLOCK_F), GROUP_H)
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    return pid // per_expert, fs, hs, fs < ffn, hs < hidden
+    return expert, fs, hs, fs < ffn, hs < hidden
 
 
 @triton.jit
@@ -172,12 +176,12 @@ def _moe_down_wgrad_kernel(
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    GROUP_F: tl.constexpr,
+    GROUP_H: tl.constexpr,
 ):
     """dw2[e*F + f, n] = sum_p hw[p, f] * dout[t, n] over expert e's sorted rows p, in row order, where
     hw = weights.flat[s] * h is `moe_down_bwd`'s. dw2 is contiguous [E*ffn, hidden]. USE_TMA loads hw through a
     descriptor (innermost stride 1); dout rows are gathered."""
-    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
+    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_H)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
     # USE_TMA: hw as a [row_end, ffn] descriptor, so a chunk past the expert's last row is zero, not the next
     # expert's rows. Its first F column: _wgrad_tile gives the columns.
@@ -222,11 +226,11 @@ def _moe_up_wgrad_kernel(
     BLOCK_F: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    GROUP_F: tl.constexpr,
+    GROUP_H: tl.constexpr,
 ):
     """dw1[e*F + f, n] = sum_p dgate[p, f] * x[t, n] and dv1 likewise with dup, over expert e's sorted rows p in
     row order. dw1 and dv1 are contiguous [E*ffn, hidden]."""
-    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_F)
+    expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_H)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
     # USE_TMA: dgate and dup as [row_end, ffn] descriptors (see _moe_down_wgrad_kernel).
     dgate_src = tile_descriptor(dgate_ptr, (row_end, ffn), (stride_dgate_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)

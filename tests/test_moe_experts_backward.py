@@ -191,11 +191,11 @@ def test_up_wgrad(case, dtype, device):
 
 
 def test_wgrad_grid_covers_every_tile(device):
-    """Tiles small enough for 5 F-tiles by 4 H-tiles per expert, so that GROUP_F = 2 leaves a partial last group:
+    """Tiles small enough for 5 F-tiles by 4 H-tiles per expert, so that GROUP_H = 3 leaves a partial last group:
     every output tile is computed once, in place (a tile written twice or never fails). The pinned tiles cover
-    GROUP_F past the F-tiles."""
+    GROUP_H past the H-tiles."""
     p = _problem(Case("grid", 24, 2, 1, hidden=112, ffn=144), torch.bfloat16, device)
-    cfg = config(4, 2, BLOCK_F=32, BLOCK_H=32, BLOCK_M=16, GROUP_F=2)
+    cfg = config(4, 2, BLOCK_F=32, BLOCK_H=32, BLOCK_M=16, GROUP_H=3)
     dgate, dup = (torch.randn_like(p.gate) for _ in range(2))
     hw = _hw(p, torch.float32).to(torch.bfloat16)
     with forced_config(weight_grads._DOWN_WGRAD["16bit"], cfg), forced_config(weight_grads._UP_WGRAD["16bit"], cfg):
