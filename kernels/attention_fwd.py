@@ -30,6 +30,14 @@ same wait 0 at 254 registers instead of 185 (D=128); `tl.range(warp_specialize=T
 compile with pointer loads at 4, and with TMA loads gives consumer loops that wait 0 after both dots. Keeping the MMA
 in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` does not offer.
 
+TMA (16 bits on sm_90, kernels/moe_tiles.py `use_tma`; DBRX_FAST_TMA=0|1 overrides): Q, K and V tiles load through
+in-kernel descriptors of each (batch, head)'s [N, D] rows, whatever the strides (transformers' transposed views
+too), zero past N: no address arithmetic or masks in the loop, 20-30 fewer registers at head_dim 128 (128 x 64:
+185 -> 155 on Triton 3.9, 182 -> 138 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM (151 and
+138 registers, 115712 bytes), whose pointer version spills: two independent CTAs of one warpgroup each, so that one
+CTA's MMAs run during the other's softmax, which the lockstep above denies one CTA. The pointer path stays for
+sm_80, fp32 and rows TMA cannot take (a start or stride not a multiple of 16 bytes).
+
 Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
 matmul precision is "highest", in TF32 otherwise: `gemm_class`); float64 raises TypeError so that callers fall back.
 """
@@ -61,10 +69,9 @@ TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 LOG2_E = math.log2(math.e)
 
 
-# Tiles that only the TMA path offers (`_prune_by_path`). 64 x 64 on 4 warps and 3 stages, the 16-bit tile with two
-# blocks per SM on sm_90 at head_dim 128: each CTA is one warpgroup, so one's MMAs run during the other's softmax
-# (the pinned 128 x 64 tile keeps one CTA per SM, its two warpgroups in step). With TMA it compiles at 166 registers
-# (3.9) and 146 (3.6), 115712 bytes of shared memory, no spills; on the pointer path it spills (3.9).
+# Tiles that only the TMA path offers (`_prune_by_path`): 64 x 64 on 4 warps and 3 stages, two blocks per SM on sm_90
+# at head_dim 128 (151 registers on Triton 3.9, 138 on 3.6; see the module docstring); its pointer version spills 32
+# bytes (3.9).
 _TMA_ONLY = (config(4, 3, BLOCK_M=64, BLOCK_N=64),)
 
 
@@ -77,10 +84,11 @@ def _configs() -> dict[str, list]:
     every load in the loop. A second block per SM at head_dim 128 (another CTA's MMAs during this one's softmax)
     fits no tile on both releases (sm_90, pointer loads): 128 x 64 on 8 warps takes 182-200 registers (two blocks
     need <= 128; maxnreg=128 spills), 64 x 64 on 4 warps and 3 stages 246 on Triton 3.6 but 255 and 32 bytes of
-    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). TMA loads of K and V would fit
-    64 x 64 on 4 warps and 3 stages: 146 (3.6) and 166 (3.9) registers, 115712 bytes, 2 blocks. tf32 tiles take
-    twice the shared memory of 16-bit ones. fp32_dot multiplies on the CUDA cores with its operands in registers:
-    small tiles, two stages (one stage, and 32 x 32 tiles, spill on sm_90).
+    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). The TMA path fits 64 x 64 on 4
+    warps and 3 stages (`_TMA_ONLY`); the pinned tile stays first, the one the interpreter and an untuned GPU run,
+    and a GPU's autotuner weighs the two. tf32 tiles take twice the shared memory of 16-bit ones. fp32_dot
+    multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage, and 32 x 32
+    tiles, spill on sm_90).
     """
     return {
         "16bit": [
@@ -131,7 +139,7 @@ def _attend_tiles(
     Unmasked tiles must lie inside [0, num_keys) and be seen whole by every query of the block. m_i is in base 2
     (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0.
     K and V tiles come from k_src and v_src, descriptors of this head's [num_keys, HEAD_DIM] rows when USE_TMA (zero
-    past num_keys), else from the pointers off k_head_ptr and v_head_ptr."""
+    past num_keys: no mask), else from pointers off k_head_ptr and v_head_ptr."""
     # Tile offsets stay loop-invariant and the tile's first row moves as a scalar: a loop-carried tensor of 64-bit
     # pointers would hold two registers per element (it spilled on sm_80).
     offs_d = tl.arange(0, HEAD_DIM)
@@ -225,10 +233,13 @@ def _attention_fwd_kernel(
     key_start_row = key_start_ptr + batch * stride_key_start_b
 
     q_head_ptr = q_ptr + batch * stride_q_b + head.to(tl.int64) * stride_q_h
-    q = tl.load(q_head_ptr + offs_q[:, None] * stride_q_n + offs_d[None, :], mask=q_valid[:, None], other=0.0)
     k_head_ptr = k_ptr + batch * stride_k_b + kv_head.to(tl.int64) * stride_k_h
     v_head_ptr = v_ptr + batch * stride_v_b + kv_head.to(tl.int64) * stride_v_h
-    # Descriptors of this (batch, KV head)'s rows only: a tile past num_keys reads zeros, never the next head's keys.
+    # USE_TMA: descriptors of this (batch, head)'s rows only, so that a tile past num_queries or num_keys reads zeros,
+    # never the next head's rows (else pointers off the head pointers).
+    q_src = tile_descriptor(q_head_ptr, (num_queries, HEAD_DIM), (stride_q_n, 1), (BLOCK_M, HEAD_DIM), USE_TMA)
+    q = load_tile(q_src, (pid_m * BLOCK_M, 0), q_head_ptr + offs_q[:, None] * stride_q_n + offs_d[None, :],
+                  q_valid[:, None], USE_TMA)  # fmt: skip
     k_src = tile_descriptor(k_head_ptr, (num_keys, HEAD_DIM), (stride_k_n, 1), (BLOCK_N, HEAD_DIM), USE_TMA)
     v_src = tile_descriptor(v_head_ptr, (num_keys, HEAD_DIM), (stride_v_n, 1), (BLOCK_N, HEAD_DIM), USE_TMA)
 
@@ -356,7 +367,7 @@ def attention_fwd(
 
     cls, fp32_dot = gemm_class(q.dtype)
     # TMA for the 16-bit class on sm_90 (DBRX_FAST_TMA overrides); fp32 keeps the pointer path, as do unaligned strides.
-    tma = cls == "16bit" and use_tma(q.device, k, v)
+    tma = cls == "16bit" and use_tma(q.device, q, k, v)
     # Absent mask tensors: q_offset stands in for the pointer, never read (its flag is off).
     with tma_workspace(q.device, tma):
         launch(
