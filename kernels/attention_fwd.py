@@ -33,7 +33,7 @@ in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` doe
 TMA (16 bits on sm_90, kernels/moe_tiles.py `use_tma`; DBRX_FAST_TMA=0|1 overrides): Q, K and V tiles load through
 in-kernel descriptors of each (batch, head)'s [N, D] rows, whatever the strides (transformers' transposed views
 too), zero past N: no address arithmetic or masks in the loop, 20-30 fewer registers at head_dim 128 (128 x 64:
-185 -> 155 on Triton 3.9, 182 -> 138 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM (151 and
+185 -> 158 on Triton 3.9, 182 -> 138 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM (151 and
 138 registers, 115712 bytes), whose pointer version spills: two independent CTAs of one warpgroup each, so that one
 CTA's MMAs run during the other's softmax, which the lockstep above denies one CTA. The pointer path stays for
 sm_80, fp32 and rows TMA cannot take (a start or stride not a multiple of 16 bytes).
