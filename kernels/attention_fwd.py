@@ -275,10 +275,13 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + (batch * num_q_heads + head) * num_queries + offs_q, lse, mask=q_valid)
 
 
-def _prune_by_path(configs, named_args, **kwargs):
-    """The autotuner's configs without `_TMA_ONLY` on the pointer path."""
-    tma = {**named_args, **kwargs}["USE_TMA"]
+def _on_path(configs: list, tma: bool) -> list:
+    """`configs` without `_TMA_ONLY` on the pointer path."""
     return [c for c in configs if tma or c not in _TMA_ONLY]
+
+
+def _prune_by_path(configs, named_args, **kwargs):
+    return _on_path(configs, {**named_args, **kwargs}["USE_TMA"])
 
 
 # One autotuner per GEMM class (pinned to its first config under the interpreter or DBRX_FAST_AUTOTUNE=0). Keys: both
@@ -295,7 +298,7 @@ _ATTENTION_FWD = {
 
 def offered(cls: str, tma: bool) -> list[triton.Config]:
     """The configs a launch of GEMM class `cls` may take on the TMA path (tma) or the pointer path."""
-    return [c for c in _ATTENTION_FWD[cls].all_configs if tma or c not in _TMA_ONLY]
+    return _on_path(_ATTENTION_FWD[cls].all_configs, tma)
 
 
 def check_attention_args(q, k, v, q_offset, key_mask, key_start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
