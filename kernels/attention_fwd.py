@@ -30,6 +30,14 @@ same wait 0 at 254 registers instead of 185 (D=128); `tl.range(warp_specialize=T
 compile with pointer loads at 4, and with TMA loads gives consumer loops that wait 0 after both dots. Keeping the MMA
 in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` does not offer.
 
+TMA (16 bits on sm_90, kernels/moe_tiles.py `use_tma`; DBRX_FAST_TMA=0|1 overrides): Q, K and V tiles load through
+in-kernel descriptors of each (batch, head)'s [N, D] rows, whatever the strides (transformers' transposed views
+too), zero past N: no address arithmetic or masks in the loop, 20-30 fewer registers at head_dim 128 (128 x 64:
+185 -> 158 on Triton 3.9, 182 -> 138 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM (151 and
+138 registers, 115712 bytes), whose pointer version spills: two independent CTAs of one warpgroup each, so that one
+CTA's MMAs run during the other's softmax, which the lockstep above denies one CTA. The pointer path stays for
+sm_80, fp32 and rows TMA cannot take (a start or stride not a multiple of 16 bytes).
+
 Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
 matmul precision is "highest", in TF32 otherwise: `gemm_class`); float64 raises TypeError so that callers fall back.
 """
@@ -41,13 +49,20 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_all_see, keys_allowed
+from .autotune import autotune
 from .compile_spec import CompileSpec, describe
 from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, dot, gemm_class
+from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class, load_tile, tile_descriptor, tma_workspace, use_tma
 
 HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LOG2_E = math.log2(math.e)
+
+
+# Tiles that only the TMA path offers (`_prune_by_path`): 64 x 64 on 4 warps and 3 stages, two blocks per SM on sm_90
+# at head_dim 128 (151 registers on Triton 3.9, 138 on 3.6; see the module docstring); its pointer version spills 32
+# bytes (3.9).
+_TMA_ONLY = (config(4, 3, BLOCK_M=64, BLOCK_N=64),)
 
 
 def _configs() -> dict[str, list]:
@@ -59,14 +74,16 @@ def _configs() -> dict[str, list]:
     every load in the loop. A second block per SM at head_dim 128 (another CTA's MMAs during this one's softmax)
     fits no tile on both releases (sm_90, pointer loads): 128 x 64 on 8 warps takes 182-200 registers (two blocks
     need <= 128; maxnreg=128 spills), 64 x 64 on 4 warps and 3 stages 246 on Triton 3.6 but 255 and 32 bytes of
-    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). TMA loads of K and V would fit
-    64 x 64 on 4 warps and 3 stages: 146 (3.6) and 166 (3.9) registers, 115712 bytes, 2 blocks. tf32 tiles take
-    twice the shared memory of 16-bit ones. fp32_dot multiplies on the CUDA cores with its operands in registers:
-    small tiles, two stages (one stage, and 32 x 32 tiles, spill on sm_90).
+    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). The TMA path fits 64 x 64 on 4
+    warps and 3 stages (`_TMA_ONLY`); the pinned tile stays first, the one the interpreter and an untuned GPU run,
+    and a GPU's autotuner weighs the two. tf32 tiles take twice the shared memory of 16-bit ones. fp32_dot
+    multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage, and 32 x 32
+    tiles, spill on sm_90).
     """
     return {
         "16bit": [
             config(8, 3, BLOCK_M=128, BLOCK_N=64),
+            *_TMA_ONLY,
         ],
         "tf32": [
             config(8, 2, BLOCK_M=128, BLOCK_N=32),
@@ -84,6 +101,8 @@ def _attend_tiles(
     m_i,
     l_i,
     q,
+    k_src,
+    v_src,
     k_head_ptr,
     v_head_ptr,
     stride_k_n,
@@ -101,13 +120,16 @@ def _attend_tiles(
     HAS_KEY_MASK: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """The online softmax over key tiles start, start + BLOCK_N, ... below `end` (start a multiple of BLOCK_N).
 
     Unmasked tiles must lie inside [0, num_keys) and be seen whole by every query of the block. m_i is in base 2
-    (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0."""
+    (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0.
+    K and V tiles come from k_src and v_src, descriptors of this head's [num_keys, HEAD_DIM] rows when USE_TMA (zero
+    past num_keys: no mask), else from pointers off k_head_ptr and v_head_ptr."""
     # Tile offsets stay loop-invariant and the tile's first row moves as a scalar: a loop-carried tensor of 64-bit
     # pointers would hold two registers per element (it spilled on sm_80).
     offs_d = tl.arange(0, HEAD_DIM)
@@ -117,9 +139,9 @@ def _attend_tiles(
         offs_k = n0 + tl.arange(0, BLOCK_N)
         k_ptrs = k_head_ptr + tl.cast(n0, tl.int64) * stride_k_n + k_offs
         v_ptrs = v_head_ptr + tl.cast(n0, tl.int64) * stride_v_n + v_offs
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_k < num_keys)[:, None], other=0.0)
+        if MASKED or USE_TMA:
+            k = load_tile(k_src, (n0, 0), k_ptrs, (offs_k < num_keys)[:, None], USE_TMA)
+            v = load_tile(v_src, (n0, 0), v_ptrs, (offs_k < num_keys)[:, None], USE_TMA)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -184,6 +206,7 @@ def _attention_fwd_kernel(
     HAS_KEY_MASK: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -200,9 +223,15 @@ def _attention_fwd_kernel(
     key_start_row = key_start_ptr + batch * stride_key_start_b
 
     q_head_ptr = q_ptr + batch * stride_q_b + head.to(tl.int64) * stride_q_h
-    q = tl.load(q_head_ptr + offs_q[:, None] * stride_q_n + offs_d[None, :], mask=q_valid[:, None], other=0.0)
     k_head_ptr = k_ptr + batch * stride_k_b + kv_head.to(tl.int64) * stride_k_h
     v_head_ptr = v_ptr + batch * stride_v_b + kv_head.to(tl.int64) * stride_v_h
+    # USE_TMA: descriptors of this (batch, head)'s rows only, so that a tile past num_queries or num_keys reads zeros,
+    # never the next head's rows (else pointers off the head pointers).
+    q_src = tile_descriptor(q_head_ptr, (num_queries, HEAD_DIM), (stride_q_n, 1), (BLOCK_M, HEAD_DIM), USE_TMA)
+    q = load_tile(q_src, (pid_m * BLOCK_M, 0), q_head_ptr + offs_q[:, None] * stride_q_n + offs_d[None, :],
+                  q_valid[:, None], USE_TMA)  # fmt: skip
+    k_src = tile_descriptor(k_head_ptr, (num_keys, HEAD_DIM), (stride_k_n, 1), (BLOCK_N, HEAD_DIM), USE_TMA)
+    v_src = tile_descriptor(v_head_ptr, (num_keys, HEAD_DIM), (stride_v_n, 1), (BLOCK_N, HEAD_DIM), USE_TMA)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -217,14 +246,14 @@ def _attention_fwd_kernel(
         _, all_hi = keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
         mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, lo)
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, offs_q, q_valid,
+            acc, m_i, l_i, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, offs_q, q_valid,
             q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
-            False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
+            False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, mid_hi, hi, offs_q, q_valid,
+        acc, m_i, l_i, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, mid_hi, hi, offs_q, q_valid,
         q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
-        True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, HEAD_DIM, BLOCK_N,
+        True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
 
     seen = l_i > 0.0
@@ -236,12 +265,30 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + (batch * num_q_heads + head) * num_queries + offs_q, lse, mask=q_valid)
 
 
-# Keys: both length buckets and every constexpr a launch passes (each changes the code).
-_ATTENTION_FWD = autotuned_by_class(
-    _attention_fwd_kernel,
-    _configs(),
-    ["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT"],
-)
+def _on_path(configs: list, tma: bool) -> list:
+    """`configs` without `_TMA_ONLY` on the pointer path."""
+    return [c for c in configs if tma or c not in _TMA_ONLY]
+
+
+def _prune_by_path(configs, named_args, **kwargs):
+    return _on_path(configs, {**named_args, **kwargs}["USE_TMA"])
+
+
+# One autotuner per GEMM class (pinned to its first config under the interpreter or DBRX_FAST_AUTOTUNE=0). Keys: both
+# length buckets and every constexpr a launch passes (each changes the code).
+_ATTENTION_FWD = {
+    cls: autotune(
+        configs,
+        key=["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT", "USE_TMA"],
+        prune_configs_by={"early_config_prune": _prune_by_path},
+    )(_attention_fwd_kernel)
+    for cls, configs in _configs().items()
+}
+
+
+def offered(cls: str, tma: bool) -> list[triton.Config]:
+    """The configs a launch of GEMM class `cls` may take on the TMA path (tma) or the pointer path."""
+    return _on_path(_ATTENTION_FWD[cls].all_configs, tma)
 
 
 def check_attention_args(q, k, v, q_offset, key_mask, key_start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,35 +359,39 @@ def attention_fwd(
         return (triton.cdiv(num_queries, meta["BLOCK_M"]), num_q_heads, batch)
 
     cls, fp32_dot = gemm_class(q.dtype)
+    # TMA for the 16-bit class on sm_90 (DBRX_FAST_TMA overrides); fp32 keeps the pointer path, as do unaligned strides.
+    tma = cls == "16bit" and use_tma(q.device, q, k, v)
     # Absent mask tensors: q_offset stands in for the pointer, never read (its flag is off).
-    launch(
-        _ATTENTION_FWD[cls],
-        grid,
-        q,
-        k,
-        v,
-        q_offset,
-        q_offset.view(torch.uint8) if key_mask is None else key_mask,
-        q_offset if key_start is None else key_start,
-        out,
-        lse,
-        num_queries,
-        num_keys,
-        triton.next_power_of_2(num_queries),
-        triton.next_power_of_2(num_keys),
-        num_q_heads,
-        num_q_heads // k.shape[1],
-        scale * LOG2_E,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        0 if key_mask is None else key_mask.stride(0),
-        0 if key_start is None else key_start.stride(0),
-        HEAD_DIM=head_dim,
-        HAS_KEY_MASK=key_mask is not None,
-        HAS_KEY_START=key_start is not None,
-        FP32_DOT=fp32_dot,
-    )
+    with tma_workspace(q.device, tma):
+        launch(
+            _ATTENTION_FWD[cls],
+            grid,
+            q,
+            k,
+            v,
+            q_offset,
+            q_offset.view(torch.uint8) if key_mask is None else key_mask,
+            q_offset if key_start is None else key_start,
+            out,
+            lse,
+            num_queries,
+            num_keys,
+            triton.next_power_of_2(num_queries),
+            triton.next_power_of_2(num_keys),
+            num_q_heads,
+            num_q_heads // k.shape[1],
+            scale * LOG2_E,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            0 if key_mask is None else key_mask.stride(0),
+            0 if key_start is None else key_start.stride(0),
+            HEAD_DIM=head_dim,
+            HAS_KEY_MASK=key_mask is not None,
+            HAS_KEY_START=key_start is not None,
+            FP32_DOT=fp32_dot,
+            USE_TMA=tma,
+        )
     return out, lse
 
 
@@ -374,8 +425,9 @@ def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, v
         "HEAD_DIM": head_dim,
         "HAS_KEY_MASK": False,
         "HAS_KEY_START": False,
-        **variant,
         "FP32_DOT": cls == "fp32_dot",
+        "USE_TMA": False,
+        **variant,
         **cfg.kwargs,
     }
     flags = " ".join(f"{k}={v}" for k, v in variant.items())
@@ -387,18 +439,24 @@ def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, v
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         matrix=cls != "fp32_dot",
+        archs=(90,) if variant.get("USE_TMA") else (80, 90),  # the launcher takes TMA on sm_90 only
     )
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (GEMM class, dtype, head_dim 64 and 128, autotune config) of the causal launch at DBRX's shapes, and the
-    pinned config of each class (bf16 for 16 bits) with padding, packing and both at head_dim 128."""
+    """Every (GEMM class, dtype, head_dim 64 and 128, autotune config) of the causal launch at DBRX's shapes on each
+    path a launch of the class takes (16 bits: pointers and TMA, the latter sm_90 only), and with padding, packing
+    and both at head_dim 128: the pinned config of each class (bf16 for 16 bits), every config of the TMA path."""
     specs = []
-    for cls, configs in _configs().items():
-        for dtype in GEMM_CLASS_DTYPES[cls]:
-            for head_dim in (64, 128):
-                specs += [_spec("attention_fwd", dtype, head_dim, cls, cfg, {}) for cfg in configs]
-        # The mask modes change the tile loops, not the dtype's code path: one dtype per class is checked in each.
-        dtype = GEMM_CLASS_DTYPES[cls][0]
-        specs += [_spec("attention_fwd", dtype, 128, cls, configs[0], variant) for variant in _MASK_VARIANTS]
+    for cls in _ATTENTION_FWD:
+        for tma in (False, True) if cls == "16bit" else (False,):
+            path = {"USE_TMA": True} if tma else {}
+            configs = offered(cls, tma)
+            for dtype in GEMM_CLASS_DTYPES[cls]:
+                for head_dim in (64, 128):
+                    specs += [_spec("attention_fwd", dtype, head_dim, cls, cfg, path) for cfg in configs]
+            # The mask modes change the tile loops, not the dtype's code path: one dtype per class is checked in each.
+            dtype = GEMM_CLASS_DTYPES[cls][0]
+            for cfg in configs if tma else configs[:1]:
+                specs += [_spec("attention_fwd", dtype, 128, cls, cfg, path | v) for v in _MASK_VARIANTS]
     return specs

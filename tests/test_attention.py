@@ -3,6 +3,10 @@ float64 reference, judged against torch's SDPA in the same dtype (GQA native, th
 AttentionMask); the log-sum-exp against the reference's; bad input; specialization, autotune keys, and the sm_90
 main-loop readings of the large-tile config.
 
+The 16-bit TMA path (K and V tiles through descriptors; sm_90's, DBRX_FAST_TMA=1 runs it under the interpreter of
+Triton 3.6 and 3.9 alike, zero fill included) against the pointer path and float64, with NaN past every head's keys;
+which launches keep the pointer path; the TMA-only tile's two blocks per SM on sm_90.
+
 The cases cover, without a full cross product: fp32 / fp16 / bf16; lengths 1, 17, 128, 300 and 129 (one above the
 largest block); GQA ratios 1, 2, 6 and MQA; head_dim 64 and 128; causal offsets (Nq < Nk, and a negative one);
 left and right padding; packed sequences; queries that see no key; transformers' strided q/k/v views.
@@ -24,6 +28,7 @@ from dbrx_fast.attention_mask import AttentionMask
 from dbrx_fast.kernels import attention_fwd as fwd_module
 from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
+from dbrx_fast.kernels.launch import launch
 from dbrx_fast.ops.attention import attention
 
 pytestmark = pytest.mark.interpreter
@@ -241,16 +246,31 @@ def test_sizes_are_not_specialized_and_keys_hold_every_code_changing_argument():
         assert not missing, f"{cls}: autotune key {tuner.keys} lacks {sorted(missing)}"
 
 
-def test_compile_specs_cover_every_config_and_dtype():
+def test_compile_specs_cover_every_config_and_dtype_on_each_path():
     specs = fwd_module.compile_specs()
-    found = {(s.signature["q_ptr"], s.constexprs["HEAD_DIM"], s.constexprs["FP32_DOT"], s.num_warps, s.num_stages,
-              s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in specs}  # fmt: skip
-    for cls, tuner in fwd_module._ATTENTION_FWD.items():
-        for dtype in {"16bit": ("*bf16", "*fp16")}.get(cls, ("*fp32",)):
-            for head_dim in (64, 128):
-                for cfg in tuner.all_configs:
-                    want = (dtype, head_dim, cls == "fp32_dot", cfg.num_warps, cfg.num_stages, *cfg.kwargs.values())
-                    assert want in found, f"{cls}: no compile spec for {want}"
+    found = {(s.signature["q_ptr"], s.constexprs["HEAD_DIM"], s.constexprs["FP32_DOT"], s.constexprs["USE_TMA"],
+              s.archs, s.num_warps, s.num_stages, s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"])
+             for s in specs}  # fmt: skip
+    for cls in fwd_module._ATTENTION_FWD:
+        for tma, archs in ((False, (80, 90)), (True, (90,)))[: 2 if cls == "16bit" else 1]:
+            for dtype in {"16bit": ("*bf16", "*fp16")}.get(cls, ("*fp32",)):
+                for head_dim in (64, 128):
+                    for cfg in fwd_module.offered(cls, tma):
+                        want = (dtype, head_dim, cls == "fp32_dot", tma, archs, cfg.num_warps, cfg.num_stages,
+                                *cfg.kwargs.values())  # fmt: skip
+                        assert want in found, f"{cls}: no compile spec for {want}"
+
+
+def test_the_pointer_path_is_not_offered_the_tma_tiles():
+    """The 64 x 64 tile spills on the pointer path (sm_90, Triton 3.9); the autotuner's pruner drops it there."""
+    tuner = fwd_module._ATTENTION_FWD["16bit"]
+    assert fwd_module.offered("16bit", True) == tuner.all_configs
+    pointer = fwd_module.offered("16bit", False)
+    assert pointer == tuner.all_configs[:1] and tuner.all_configs[0].kwargs == {"BLOCK_M": 128, "BLOCK_N": 64}
+    for tma in (False, True):
+        assert tuner.early_config_prune(tuner.all_configs, {}, USE_TMA=tma) == fwd_module.offered("16bit", tma)
+    for cls in ("tf32", "fp32_dot"):
+        assert fwd_module.offered(cls, False) == fwd_module._ATTENTION_FWD[cls].all_configs
 
 
 @pytest.mark.gpu
@@ -265,6 +285,96 @@ def test_new_lengths_compile_nothing(device):
             attention_fwd(q, k, v, mask.q_offset, mask.key_mask, None, 0.1)
             counts.append(compiled_variants(tuner))
     assert counts == counts[:1] * 5
+
+
+# ---- the TMA path (16 bits, sm_90; DBRX_FAST_TMA=1 here) -------------------------------------------------------
+
+
+def fwd_on_path(q, k, v, mask, scale, monkeypatch, tma: str):
+    """(out, lse, the USE_TMA of each launch) of attention_fwd with DBRX_FAST_TMA=tma."""
+    seen = []
+
+    def spy(kernel, grid, *args, **meta):
+        seen.append(meta["USE_TMA"])
+        launch(kernel, grid, *args, **meta)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fwd_module, "launch", spy)
+        patch.setenv("DBRX_FAST_TMA", tma)
+        out, lse = attention_fwd(q, k, v, mask.q_offset, mask.key_mask, mask.key_start, scale)
+    return out, lse, seen
+
+
+# (B, Hq, Hkv, Nq, Nk, D, mask kind, strided views, dtype): lengths off every tile, D 128 and 64, GQA and MQA.
+TMA_CASES = [
+    pytest.param(2, 4, 2, 70, 150, 128, "causal", True, BF16, id="len70x150-ratio2-causal-strided-D128-bf16"),
+    pytest.param(2, 2, 1, 33, 97, 64, "left", False, FP16, id="len33x97-mqa-left-D64-fp16"),
+    pytest.param(1, 3, 1, 100, 130, 64, "packed", True, BF16, id="len100x130-mqa-packed-strided-D64-bf16"),
+]
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "nq", "nk", "head_dim", "kind", "strided", "dtype"), TMA_CASES)
+def test_tma_path_matches_pointer_path(device, monkeypatch, batch, heads, kv_heads, nq, nk, head_dim, kind, strided,
+                                       dtype):  # fmt: skip
+    """Within round-off of float64, and bitwise the pointer path's result: the same tiles, products and order."""
+    mask = make_mask(kind, batch, nq, nk, device)
+    q, k, v = make_qkv(batch, heads, kv_heads, nq, nk, head_dim, dtype, device, strided)
+    out, lse, seen = fwd_on_path(q, k, v, mask, head_dim**-0.5, monkeypatch, "1")
+    assert seen == [True]
+    check_against_reference(q, k, v, mask, head_dim**-0.5, out, lse, sdpa(q, k, v, mask, head_dim**-0.5))
+    out_ptr, lse_ptr, seen = fwd_on_path(q, k, v, mask, head_dim**-0.5, monkeypatch, "0")
+    assert seen == [False]
+    assert torch.equal(out, out_ptr) and torch.equal(lse, lse_ptr)
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
+def test_no_tile_reads_past_its_heads_keys(device, monkeypatch, tma):
+    """K and V are views into NaN: rows past Nk of every (batch, KV head), a KV head and a batch row beyond the last.
+    A V tile that read any of them would put NaN in the output (NaN * 0 is NaN); the last key tile is ragged (Nk = 83
+    is 64 + 19), so each (batch, head)'s descriptor must end at its own Nk. A K tile past Nk is masked to -inf
+    anyway; its head's start is checked by the accuracy bound."""
+    batch, kv_heads, nq, nk, pad, head_dim = 2, 2, 40, 83, 13, 64
+    mask = make_mask("causal", batch, nq, nk, device)
+    q = torch.randn(batch, 4, nq, head_dim, device=device).to(BF16)
+    k, v = (torch.full((batch + 1, kv_heads + 1, nk + pad, head_dim), float("nan"), dtype=BF16, device=device)
+            [:batch, :kv_heads, :nk] for _ in range(2))  # fmt: skip
+    for t in (k, v):
+        t.copy_(torch.randn(t.shape, device=device))
+    out, lse, seen = fwd_on_path(q, k, v, mask, 0.125, monkeypatch, tma)
+    assert seen == [tma == "1"]
+    check_against_reference(q, k, v, mask, 0.125, out, lse, sdpa(q, k, v, mask, 0.125))
+
+
+def test_fp32_and_unaligned_rows_keep_the_pointer_path(device, monkeypatch):
+    mask = make_mask("causal", 1, 9, 20, device)
+    q, k, v = make_qkv(1, 2, 1, 9, 20, 64, FP32, device, strided=False)
+    assert fwd_on_path(q, k, v, mask, 0.125, monkeypatch, "1")[2] == [False]  # the 16-bit class only
+    q, k, v = (t.to(BF16) for t in (q, k, v))
+    shifted = torch.randn(1, 1, 20 * 64 + 1, device=device).to(BF16)[..., 1:].view(1, 1, 20, 64)  # 2 bytes off
+    out, lse, seen = fwd_on_path(q, shifted, v, mask, 0.125, monkeypatch, "1")
+    assert seen == [False]
+    check_against_reference(q, shifted, v, mask, 0.125, out, lse, sdpa(q, shifted, v, mask, 0.125))
+
+
+@pytest.fixture(scope="module")
+def tma_d128_records():
+    from dbrx_fast.inspect import inspect_specs
+
+    records = inspect_specs((90,), name_filter="16bit D=128 USE_TMA=True BLOCK_M=")
+    return [r for r in records if r.name.startswith("attention_fwd ")]
+
+
+def test_tma_configs_offer_two_blocks_per_sm_on_sm90(tma_d128_records):
+    """At head_dim 128 (DBRX's) the 16-bit TMA path offers a tile with two blocks per SM on sm_90, so that one CTA's
+    MMAs run during the other's softmax (the pinned 128 x 64 tile keeps one per SM, see the module docstring)."""
+    by_dtype = {}
+    for r in tma_d128_records:
+        assert r.error is None and not r.problems, (r.name, r.problems)
+        by_dtype.setdefault(r.name.split()[1], []).append(r.blocks_per_sm)
+    assert by_dtype.keys() == {"bf16", "fp16"} and all(
+        len(b) == len(fwd_module.offered("16bit", True)) for b in by_dtype.values()
+    ), tma_d128_records
+    assert all(max(blocks) >= 2 for blocks in by_dtype.values()), f"blocks per SM per config: {by_dtype}"
 
 
 # ---- what the compiler makes of the large-tile config on sm_90 (the pinned 16-bit one, DBRX's head_dim) ----------

@@ -18,6 +18,7 @@ import pkgutil
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -28,11 +29,13 @@ from triton.runtime.autotuner import Autotuner
 import dbrx_fast.kernels
 from dbrx_fast import reference
 from dbrx_fast.attention_mask import AttentionMask
+from dbrx_fast.kernels import attention_fwd as attention_fwd_module
 from dbrx_fast.kernels.attention_bwd import attention_bwd
 from dbrx_fast.kernels.attention_decode import attention_decode
 from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.moe_routing import Routing
+from dbrx_fast.kernels.moe_tiles import gemm_class
 from dbrx_fast.ops.layernorm import layer_norm
 from dbrx_fast.ops.moe import moe_experts_by_routing
 from dbrx_fast.ops.qkv import qkv_rope
@@ -179,7 +182,16 @@ def run_moe(configs, dtype):
 def run_attention(configs, dtype):
     """Forward only (the backward's group is its own): one query block of the largest BLOCK_M plus a remainder, keys
     past the queries (a causal offset) by one key tile plus a remainder, two packed sequences, so that the masked,
-    unmasked and boundary tile runs all execute."""
+    unmasked and boundary tile runs all execute. 16 bits: on each path that offers the config, pointers and TMA
+    (DBRX_FAST_TMA; some tiles are the TMA path's only)."""
+    cls = gemm_class(dtype)[0]
+    for tma in ("0", "1") if cls == "16bit" else ("0",):
+        if configs[0] in attention_fwd_module.offered(cls, tma == "1"):
+            with mock.patch.dict(os.environ, {"DBRX_FAST_TMA": tma}):
+                _run_attention_once(configs, dtype)
+
+
+def _run_attention_once(configs, dtype):
     num_queries = max(c.kwargs["BLOCK_M"] for c in configs) + 5
     num_keys = num_queries + max(c.kwargs["BLOCK_N"] for c in configs) + 3
     q = torch.randn(1, 2, num_queries, 64).to(dtype)
