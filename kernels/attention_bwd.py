@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_allowed, query_range
+from .autotune import autotune
 from .compile_spec import CompileSpec
 from .launch import launch
 from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, describe, dot, gemm_class
@@ -53,8 +54,20 @@ DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 # is the least for wgmma in the dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight
 # during the MMA; the TF32 dK/dV tile gets one stage and 4 warps (8 spill on sm_90 in the dK launch at D = 128 and on
 # sm_80 in the dV launch at D = 64 under 3.6), and fp32_dot runs its dots on CUDA cores.
+# The 16-bit dK/dV tile depends on the head dim (`dkdv_configs`): the sm_90 loop drains the MMA every tile, so a tile
+# must carry as much work as fits. Readings, registers on sm_80 / sm_90 for the causal, masked variants:
+#   D <= 64: 32 queries x 128 keys, 8 warps, 1 stage. Triton 3.9: 240, 234 / 176, 167; 3.6: 232, 230 / 148, 163.
+#     wgmma n32 (scores) and n64 (dV, dK, a K-extent of 32). With 2 or 3 stages it spills on sm_80 under 3.6 (20 to
+#     44), as do 32 x 64 on 4 warps (44, 60) and 64 x 64 or 64 x 128 (hundreds). One stage leaves the causal variant's
+#     loads unpipelined; the masked variant's never are (its packed-block branch).
+#   D = 128: 32 x 64, 8 warps, 2 stages. Triton 3.9: 216, 214 / 201, 235; 3.6: 218, 202 / 222, 218. wgmma n16 and
+#     n64. 3 stages spill on sm_90 under 3.6 (40), 32 x 64 on 4 warps on sm_80 (12 to 100), 16 x 128 on sm_80 under
+#     3.6 (36, 68), and 32 x 128 on 8 warps thousands on sm_80 (on sm_90 it fits: 235 to 254 registers, n32, n128).
+# Each has 2 (D = 128) or 4 (D <= 64) times the work of the 16 x 64 tile before it (n8 score dots, one k-step in each
+# accumulating dot).
+_DKDV_16BIT_BY_HEAD_DIM = {64: config(8, 1, BLOCK_M=32, BLOCK_N=128), 128: config(8, 2, BLOCK_M=32, BLOCK_N=64)}
 _DKDV_CONFIGS = {
-    "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
+    "16bit": list(_DKDV_16BIT_BY_HEAD_DIM.values()),
     "tf32": [config(4, 1, BLOCK_M=16, BLOCK_N=64)],
     "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
@@ -63,6 +76,24 @@ _DQ_CONFIGS = {
     "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
     "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
+
+
+def dkdv_configs(cls: str, head_dim: int) -> list[triton.Config]:
+    """The dK/dV configs that launches of GEMM class `cls` at `head_dim` tune over (and the compile specs hold): for
+    16 bits the one tile of its head dim, else the class's list."""
+    if cls != "16bit":
+        return _DKDV_CONFIGS[cls]
+    return [_DKDV_16BIT_BY_HEAD_DIM[64 if head_dim <= 64 else 128]]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    """The configs `dkdv_configs` gives the launch's head dim, or all when it gives none of them: the one config
+    pinned under the interpreter, or forced by a test, runs at any head dim."""
+    head_dim = {**named_args, **kwargs}["HEAD_DIM"]
+    fits = [c for c in configs if any(c in dkdv_configs(cls, head_dim) for cls in _DKDV_CONFIGS)]
+    return fits or configs
+
+
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
 BOTH, DV_ONLY, DK_ONLY = (True, True), (False, True), (True, False)  # (DK, DV) of a dK/dV launch
 
@@ -391,7 +422,12 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
 
 
-_DKDV = autotuned_by_class(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, key=[*_KEY, "DK", "DV"])
+_DKDV = {
+    cls: autotune(cfgs, key=[*_KEY, "DK", "DV"], prune_configs_by={"early_config_prune": _prune_dkdv})(
+        _attention_bwd_dkdv_kernel
+    )
+    for cls, cfgs in _DKDV_CONFIGS.items()
+}
 _DQ = autotuned_by_class(_attention_bwd_dq_kernel, _DQ_CONFIGS, key=_KEY)
 
 
@@ -554,31 +590,30 @@ def compile_specs() -> list[CompileSpec]:
                 )
             )
     for name, kernel, configs in (
-        ("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
-        ("attention_bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
+        ("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, dkdv_configs),
+        ("attention_bwd_dq", _attention_bwd_dq_kernel, lambda cls, head_dim: _DQ_CONFIGS[cls]),
     ):
         params = inspect.signature(kernel.fn).parameters
-        for cls, class_configs in configs.items():
-            for dtype, head_dim, masks, cfg in itertools.product(
-                GEMM_CLASS_DTYPES[cls], (64, 128), (False, True), class_configs
-            ):
-                strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
-                meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
-                meta["HAS_KEY_START"] = masks
-                # A dK/dV launch of one gradient is named for it.
-                passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
-                for grads in passes:
-                    pass_name = {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
-                    pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
-                    specs.append(
-                        CompileSpec(
-                            name=f"{name}{pass_name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
-                            kernel=kernel,
-                            signature=_signature(kernel, dtype, strides),
-                            constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
-                            num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
-                            matrix=cls != "fp32_dot",
+        for cls in GEMM_CLASS_DTYPES:
+            for dtype, head_dim, masks in itertools.product(GEMM_CLASS_DTYPES[cls], (64, 128), (False, True)):
+                for cfg in configs(cls, head_dim):
+                    strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
+                    meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
+                    meta["HAS_KEY_START"] = masks
+                    # A dK/dV launch of one gradient is named for it.
+                    passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
+                    for grads in passes:
+                        pass_name = {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
+                        pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
+                        specs.append(
+                            CompileSpec(
+                                name=f"{name}{pass_name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
+                                kernel=kernel,
+                                signature=_signature(kernel, dtype, strides),
+                                constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
+                                num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages,
+                                matrix=cls != "fp32_dot",
+                            )
                         )
-                    )
     return specs

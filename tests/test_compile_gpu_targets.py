@@ -228,6 +228,10 @@ _ATTENTION_BWD_KNOWN = {
     "every MMA in flight; keeping one in flight needs two tiles in flight (software pipelining by hand)"
     for name in _ATTENTION_BWD_TUNERS
 }
+_ATTENTION_BWD_KNOWN["attention_bwd_dkdv", "no_wait_all"] = (
+    "issue 8: the 16-bit dK/dV tile at head_dim 128 runs 2 stages (one load in flight, waited for each tile): 3 spill "
+    "on sm_90 with Triton 3.6, and 32 x 64 is the largest tile that fits (kernels/attention_bwd.py)"
+)
 
 
 @pytest.mark.parametrize(
@@ -245,7 +249,8 @@ _ATTENTION_BWD_KNOWN = {
     ],
 )
 def test_attention_bwd_large_configs_are_fast_on_sm90(registry_records, kernel_name, check):
-    cfg = _ATTENTION_BWD_TUNERS[kernel_name]["16bit"].all_configs[0]
+    tuner = _ATTENTION_BWD_TUNERS[kernel_name]["16bit"]
+    cfg = attention_bwd.dkdv_configs("16bit", 128)[0] if tuner is attention_bwd._DKDV["16bit"] else tuner.all_configs[0]
     specs = [
         s
         for s in all_compile_specs()
