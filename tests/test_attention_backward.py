@@ -224,8 +224,8 @@ def test_autotune_keys_hold_every_code_changing_argument():
 
 
 def test_compile_specs_cover_every_config():
-    """compile_specs() holds each tuner's every config (dK/dV: those of `dkdv_configs` at the head dim) in every dtype
-    of its class, head dim, mask variant and (dK/dV) launch of `dkdv_passes`."""
+    """compile_specs() holds the configs of `tile_configs` in every dtype of the tuner's class, head dim, mask variant
+    and (dK/dV) launch of `dkdv_passes`."""
     specs = bwd_module.compile_specs()
     for tuners in (bwd_module._DKDV, bwd_module._DQ):
         for cls, tuner in tuners.items():
@@ -246,7 +246,7 @@ def test_compile_specs_cover_every_config():
                     dkdv = tuners is bwd_module._DKDV
                     passes = bwd_module.dkdv_passes(cls, head_dim) if dkdv else [(None, None)]
                     for masks in (False, True):
-                        for cfg in bwd_module.dkdv_configs(cls, head_dim) if dkdv else tuner.all_configs:
+                        for cfg in bwd_module.tile_configs("dkdv" if dkdv else "dq", cls, head_dim):
                             for grads in passes:
                                 want = (f"*{dtype}", head_dim, masks, cfg.num_warps, cfg.num_stages)
                                 want += (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], *grads)
@@ -254,11 +254,12 @@ def test_compile_specs_cover_every_config():
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-def test_dkdv_tunes_over_its_head_dims_configs(head_dim):
-    """The dK/dV autotuner of each class keeps `dkdv_configs` at the launch's head dim (the tiles the compile check
-    holds), and every config of its list serves some head dim."""
-    for cls, tuner in bwd_module._DKDV.items():
-        kept = tuner.early_config_prune(tuner.all_configs, {}, HEAD_DIM=head_dim)
-        assert kept == bwd_module.dkdv_configs(cls, head_dim), cls
-        served = [c for d in (64, 128) for c in bwd_module.dkdv_configs(cls, d)]
-        assert all(c in served for c in tuner.all_configs), cls
+def test_tuners_keep_their_head_dims_tiles(head_dim):
+    """Each autotuner keeps `tile_configs` at the launch's head dim (the tiles the compile check holds), and each of
+    its configs serves some head dim."""
+    for kernel, tuners in (("dkdv", bwd_module._DKDV), ("dq", bwd_module._DQ)):
+        for cls, tuner in tuners.items():
+            kept = tuner.early_config_prune(tuner.all_configs, {}, HEAD_DIM=head_dim)
+            assert kept == bwd_module.tile_configs(kernel, cls, head_dim), (kernel, cls)
+            served = [c for d in (64, 128) for c in bwd_module.tile_configs(kernel, cls, d)]
+            assert all(c in served for c in tuner.all_configs), (kernel, cls)
