@@ -28,7 +28,8 @@ sm_90 main loops must run on wgmma; they do, with their loads pipelined, but eac
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
 That drain costs less the more work a tile holds, so the 16-bit tiles are the largest that compile without spills
 on sm_80 and sm_90 with Triton 3.6 and 3.9, chosen per head dim (`tile_configs`): dK/dV 32 queries x 128 keys at
-D <= 64 and 32 x 64 at D = 128 (8 warps), dQ 128 queries x 32 keys at D <= 64 and 64 x 32 at D = 128.
+D <= 64; at D = 128 16 x 64 on 3 stages (pipelined) and 32 x 64 on 2 (twice the work, its loads waited for every
+tile), for a GPU's autotuner to weigh (8 warps); dQ 128 queries x 32 keys at D <= 64 and 64 x 32 at D = 128.
 Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (at D = 128 a quarter more dK/dV dots, see 2.).
 """
 
@@ -73,18 +74,23 @@ DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 #     242, 247 / 180, 172; n32 and n128): its K and V tiles serve twice the queries. 64 x 64 or 128 x 64 spill on sm_80
 #     (28 to 196), as do 128 x 32 on 4 warps (12) and, at D = 128, 128 x 32 on 8 warps (12, 32). 64 x 64 on 8 warps
 #     fits at D = 128 but splits each warpgroup's dQ dot to n64 at the same work per warpgroup.
-_TILES_16BIT = {  # head dim -> kernel -> tile
-    64: {"dkdv": config(8, 1, BLOCK_M=32, BLOCK_N=128), "dq": config(8, 3, BLOCK_M=128, BLOCK_N=32)},
-    128: {"dkdv": config(8, 2, BLOCK_M=32, BLOCK_N=64), "dq": config(4, 3, BLOCK_M=64, BLOCK_N=32)},
+#   At D = 128 the 2-stage 32 x 64 dK/dV tile waits for its loads every tile, so the 16 x 64 tile on 3 stages
+#   (pipelined; 3.9: 177, 212 / 175, 203; n8 and n64) stays first, and a GPU's autotuner weighs the two.
+_TILES_16BIT = {  # head dim -> kernel -> tiles
+    64: {"dkdv": [config(8, 1, BLOCK_M=32, BLOCK_N=128)], "dq": [config(8, 3, BLOCK_M=128, BLOCK_N=32)]},
+    128: {
+        "dkdv": [config(8, 3, BLOCK_M=16, BLOCK_N=64), config(8, 2, BLOCK_M=32, BLOCK_N=64)],
+        "dq": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
+    },
 }
 _CONFIGS = {
     "dkdv": {
-        "16bit": [tiles["dkdv"] for tiles in _TILES_16BIT.values()],
+        "16bit": [cfg for tiles in _TILES_16BIT.values() for cfg in tiles["dkdv"]],
         "tf32": [config(4, 1, BLOCK_M=16, BLOCK_N=64)],
         "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
     },
     "dq": {
-        "16bit": [tiles["dq"] for tiles in _TILES_16BIT.values()],
+        "16bit": [cfg for tiles in _TILES_16BIT.values() for cfg in tiles["dq"]],
         "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
         "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
     },
@@ -93,10 +99,10 @@ _CONFIGS = {
 
 def tile_configs(kernel: str, cls: str, head_dim: int) -> list[triton.Config]:
     """The configs that launches of `kernel` ("dkdv" or "dq") of GEMM class `cls` at `head_dim` tune over (and the
-    compile specs hold): for 16 bits the one tile of its head dim, else the class's list."""
+    compile specs hold): for 16 bits the tiles of its head dim, else the class's list."""
     if cls != "16bit":
         return _CONFIGS[kernel][cls]
-    return [_TILES_16BIT[64 if head_dim <= 64 else 128][kernel]]
+    return _TILES_16BIT[64 if head_dim <= 64 else 128][kernel]
 
 
 def _tuners(kernel: str, fn, key: list[str]) -> dict[str, object]:

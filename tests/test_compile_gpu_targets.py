@@ -228,10 +228,6 @@ _ATTENTION_BWD_KNOWN = {
     "every MMA in flight; keeping one in flight needs two tiles in flight (software pipelining by hand)"
     for name in _ATTENTION_BWD_KERNELS
 }
-_ATTENTION_BWD_KNOWN["attention_bwd_dkdv", "no_wait_all"] = (
-    "issue 8: the 16-bit dK/dV tile at head_dim 128 runs 2 stages (one load in flight, waited for each tile): 3 spill "
-    "on sm_90 with Triton 3.6, and 32 x 64 is the largest tile that fits (kernels/attention_bwd.py)"
-)
 
 
 @pytest.mark.parametrize(
