@@ -26,6 +26,10 @@ whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
+That drain costs less the more work a tile holds, so the 16-bit tiles are the largest that compile without spills
+on sm_80 and sm_90 with Triton 3.6 and 3.9, chosen per head dim (`tile_configs`): dK/dV 32 queries x 128 keys at
+D <= 64; at D = 128 16 x 64 on 3 stages (pipelined) and 32 x 64 on 2 (twice the work, its loads waited for every
+tile), for a GPU's autotuner to weigh (8 warps); dQ 128 queries x 32 keys at D <= 64 and 64 x 32 at D = 128.
 Limits: head_dim a power of two from 16 to 128; fp16, bf16, fp32 (at D = 128 a quarter more dK/dV dots, see 2.).
 """
 
@@ -37,9 +41,10 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_allowed, query_range
+from .autotune import autotune
 from .compile_spec import CompileSpec, describe
 from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, dot, gemm_class
+from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -53,16 +58,69 @@ DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 # is the least for wgmma in the dK/dV dots, BLOCK_M = 64 queries in the dQ dots. Three stages keep two loads in flight
 # during the MMA; the TF32 dK/dV tile gets one stage and 4 warps (8 spill on sm_90 in the dK launch at D = 128 and on
 # sm_80 in the dV launch at D = 64 under 3.6), and fp32_dot runs its dots on CUDA cores.
-_DKDV_CONFIGS = {
-    "16bit": [config(8, 3, BLOCK_M=16, BLOCK_N=64)],
-    "tf32": [config(4, 1, BLOCK_M=16, BLOCK_N=64)],
-    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+# The 16-bit tiles depend on the head dim (`tile_configs`): the sm_90 loops drain the MMA every tile, so a tile must
+# carry as much work as fits. Readings, registers on sm_80 / sm_90 for the causal, masked variants:
+#   dK/dV, D <= 64: 32 queries x 128 keys, 8 warps, 1 stage. Triton 3.9: 240, 234 / 176, 167; 3.6: 232, 230 / 148,
+#     163. wgmma n32 (scores) and n64 (dV, dK, a K-extent of 32). With 2 or 3 stages it spills on sm_80 under 3.6 (20
+#     to 44), as do 32 x 64 on 4 warps (44, 60) and 64 x 64 or 64 x 128 (hundreds). One stage leaves the causal
+#     variant's loads unpipelined; the masked variant's never are (its packed-block branch).
+#   dK/dV, D = 128: 32 x 64, 8 warps, 2 stages. Triton 3.9: 216, 214 / 201, 235; 3.6: 218, 202 / 222, 218. wgmma n16
+#     and n64. 3 stages spill on sm_90 under 3.6 (40), 32 x 64 on 4 warps on sm_80 (12 to 100), 16 x 128 on sm_80
+#     under 3.6 (36, 68), and 32 x 128 on 8 warps thousands on sm_80 (on sm_90 it fits: 235 to 254, n32 and n128).
+#   These have 4 (D <= 64) and 2 (D = 128) times the work of the 16 x 64 tile before them (n8 score dots, one k-step
+#   in each accumulating dot).
+#   dQ, D <= 64: 128 queries x 32 keys, 8 warps, 3 stages. Triton 3.9: 248, 192 / 112, 111; 3.6: 246, 210 / 108, 126.
+#     wgmma n32 and n64, each warpgroup 64 queries as in the 64 x 32 tile on 4 warps, which it keeps at D = 128 (3.9:
+#     242, 247 / 180, 172; n32 and n128): its K and V tiles serve twice the queries. 64 x 64 or 128 x 64 spill on sm_80
+#     (28 to 196), as do 128 x 32 on 4 warps (12) and, at D = 128, 128 x 32 on 8 warps (12, 32). 64 x 64 on 8 warps
+#     fits at D = 128 but splits each warpgroup's dQ dot to n64 at the same work per warpgroup.
+#   At D = 128 the 2-stage 32 x 64 dK/dV tile waits for its loads every tile, so the 16 x 64 tile on 3 stages
+#   (pipelined; 3.9: 177, 212 / 175, 203; n8 and n64) stays first, and a GPU's autotuner weighs the two.
+_TILES_16BIT = {  # head dim -> kernel -> tiles
+    64: {"dkdv": [config(8, 1, BLOCK_M=32, BLOCK_N=128)], "dq": [config(8, 3, BLOCK_M=128, BLOCK_N=32)]},
+    128: {
+        "dkdv": [config(8, 3, BLOCK_M=16, BLOCK_N=64), config(8, 2, BLOCK_M=32, BLOCK_N=64)],
+        "dq": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
+    },
 }
-_DQ_CONFIGS = {
-    "16bit": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
-    "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
-    "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+_CONFIGS = {
+    "dkdv": {
+        "16bit": [cfg for tiles in _TILES_16BIT.values() for cfg in tiles["dkdv"]],
+        "tf32": [config(4, 1, BLOCK_M=16, BLOCK_N=64)],
+        "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+    },
+    "dq": {
+        "16bit": [cfg for tiles in _TILES_16BIT.values() for cfg in tiles["dq"]],
+        "tf32": [config(8, 3, BLOCK_M=64, BLOCK_N=16), config(4, 2, BLOCK_M=64, BLOCK_N=16)],
+        "fp32_dot": [config(4, 1, BLOCK_M=16, BLOCK_N=16)],
+    },
 }
+
+
+def tile_configs(kernel: str, cls: str, head_dim: int) -> list[triton.Config]:
+    """The configs that launches of `kernel` ("dkdv" or "dq") of GEMM class `cls` at `head_dim` tune over (and the
+    compile specs hold): for 16 bits the tiles of its head dim, else the class's list."""
+    if cls != "16bit":
+        return _CONFIGS[kernel][cls]
+    return _TILES_16BIT[64 if head_dim <= 64 else 128][kernel]
+
+
+def _tuners(kernel: str, fn, key: list[str]) -> dict[str, object]:
+    """One autotuner per GEMM class over `fn`, each launch pruned to `tile_configs` at its head dim, or to all its
+    configs when those hold none of them: the one config pinned under the interpreter, or forced by a test, runs at
+    any head dim."""
+
+    def prune(configs, named_args, **kwargs):
+        head_dim = {**named_args, **kwargs}["HEAD_DIM"]
+        fits = [c for c in configs if any(c in tile_configs(kernel, cls, head_dim) for cls in _CONFIGS[kernel])]
+        return fits or configs
+
+    return {
+        cls: autotune(cfgs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        for cls, cfgs in _CONFIGS[kernel].items()
+    }
+
+
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]
 BOTH, DV_ONLY, DK_ONLY = (True, True), (False, True), (True, False)  # (DK, DV) of a dK/dV launch
 
@@ -391,8 +449,8 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
 
 
-_DKDV = autotuned_by_class(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, key=[*_KEY, "DK", "DV"])
-_DQ = autotuned_by_class(_attention_bwd_dq_kernel, _DQ_CONFIGS, key=_KEY)
+_DKDV = _tuners("dkdv", _attention_bwd_dkdv_kernel, key=[*_KEY, "DK", "DV"])
+_DQ = _tuners("dq", _attention_bwd_dq_kernel, key=_KEY)
 
 
 def _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start) -> None:
@@ -540,8 +598,8 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
 
 def compile_specs() -> list[CompileSpec]:
     """Every launch: the delta kernel per dtype and head dim; dK/dV and dQ per GEMM class, dtype of the class, head
-    dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and autotune
-    config."""
+    dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and config of
+    `tile_configs` at the head dim."""
     specs = []
     for dtype in _DTYPES.values():
         for head_dim in (64, 128):
@@ -553,32 +611,31 @@ def compile_specs() -> list[CompileSpec]:
                     constexprs={"HEAD_DIM": head_dim, "BLOCK_M": DELTA_BLOCK_M},
                 )
             )
-    for name, kernel, configs in (
-        ("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
-        ("attention_bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
+    for name, kernel in (
+        ("dkdv", _attention_bwd_dkdv_kernel),
+        ("dq", _attention_bwd_dq_kernel),
     ):
         params = inspect.signature(kernel.fn).parameters
-        for cls, class_configs in configs.items():
-            for dtype, head_dim, masks, cfg in itertools.product(
-                GEMM_CLASS_DTYPES[cls], (64, 128), (False, True), class_configs
-            ):
-                strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
-                meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
-                meta["HAS_KEY_START"] = masks
-                # A dK/dV launch of one gradient is named for it.
-                passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
-                for grads in passes:
-                    pass_name = {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
-                    pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
-                    specs.append(
-                        CompileSpec(
-                            name=f"{name}{pass_name} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
-                            kernel=kernel,
-                            signature=_signature(kernel, dtype, strides),
-                            constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
-                            num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
-                            matrix=cls != "fp32_dot",
+        for cls in GEMM_CLASS_DTYPES:
+            for dtype, head_dim, masks in itertools.product(GEMM_CLASS_DTYPES[cls], (64, 128), (False, True)):
+                for cfg in tile_configs(name, cls, head_dim):
+                    strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
+                    meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
+                    meta["HAS_KEY_START"] = masks
+                    # A dK/dV launch of one gradient is named for it.
+                    passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
+                    for grads in passes:
+                        label = f"attention_bwd_{name}" + {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
+                        pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
+                        specs.append(
+                            CompileSpec(
+                                name=f"{label} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
+                                kernel=kernel,
+                                signature=_signature(kernel, dtype, strides),
+                                constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
+                                num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages,
+                                matrix=cls != "fp32_dot",
+                            )
                         )
-                    )
     return specs

@@ -224,8 +224,8 @@ def test_autotune_keys_hold_every_code_changing_argument():
 
 
 def test_compile_specs_cover_every_config():
-    """compile_specs() holds each tuner's every config in every dtype of its class, head dim, mask variant and (dK/dV)
-    launch of `dkdv_passes`."""
+    """compile_specs() holds the configs of `tile_configs` in every dtype of the tuner's class, head dim, mask variant
+    and (dK/dV) launch of `dkdv_passes`."""
     specs = bwd_module.compile_specs()
     for tuners in (bwd_module._DKDV, bwd_module._DQ):
         for cls, tuner in tuners.items():
@@ -243,10 +243,23 @@ def test_compile_specs_cover_every_config():
             }
             for dtype in GEMM_CLASS_DTYPES[cls]:
                 for head_dim in (64, 128):
-                    passes = bwd_module.dkdv_passes(cls, head_dim) if tuners is bwd_module._DKDV else [(None, None)]
+                    dkdv = tuners is bwd_module._DKDV
+                    passes = bwd_module.dkdv_passes(cls, head_dim) if dkdv else [(None, None)]
                     for masks in (False, True):
-                        for cfg in tuner.all_configs:
+                        for cfg in bwd_module.tile_configs("dkdv" if dkdv else "dq", cls, head_dim):
                             for grads in passes:
                                 want = (f"*{dtype}", head_dim, masks, cfg.num_warps, cfg.num_stages)
                                 want += (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], *grads)
                                 assert want in found, f"{tuner.fn.fn.__name__}[{cls}]: no compile spec for {want}"
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_tuners_keep_their_head_dims_tiles(head_dim):
+    """Each autotuner keeps `tile_configs` at the launch's head dim (the tiles the compile check holds), and each of
+    its configs serves some head dim."""
+    for kernel, tuners in (("dkdv", bwd_module._DKDV), ("dq", bwd_module._DQ)):
+        for cls, tuner in tuners.items():
+            kept = tuner.early_config_prune(tuner.all_configs, {}, HEAD_DIM=head_dim)
+            assert kept == bwd_module.tile_configs(kernel, cls, head_dim), (kernel, cls)
+            served = [c for d in (64, 128) for c in bwd_module.tile_configs(kernel, cls, d)]
+            assert all(c in served for c in tuner.all_configs), (kernel, cls)

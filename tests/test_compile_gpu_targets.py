@@ -220,13 +220,13 @@ def test_moe_large_t_configs_are_fast_on_sm90(registry_records, kernel_name, che
     assert not failing, f"{check} fails on sm_90 for {failing}"
 
 
-# The attention backward's large tiles (the pinned 16-bit configs at head_dim 128, every mask variant) on sm_90
+# The attention backward's large tiles (the 16-bit configs at head_dim 128, every mask variant) on sm_90
 # (issue 8, deliverable 7), read as the MoE GEMMs' are. Marked: today's known failures, exactly (strict).
-_ATTENTION_BWD_TUNERS = {"attention_bwd_dkdv": attention_bwd._DKDV, "attention_bwd_dq": attention_bwd._DQ}
+_ATTENTION_BWD_KERNELS = ("attention_bwd_dkdv", "attention_bwd_dq")
 _ATTENTION_BWD_KNOWN = {
     (name, "no_mma_drain"): "issue 8: each tile's dots chain (s -> p -> dV and dP -> dS -> dK), so the loop waits for "
     "every MMA in flight; keeping one in flight needs two tiles in flight (software pipelining by hand)"
-    for name in _ATTENTION_BWD_TUNERS
+    for name in _ATTENTION_BWD_KERNELS
 }
 
 
@@ -240,12 +240,12 @@ _ATTENTION_BWD_KNOWN = {
             if (k, c) in _ATTENTION_BWD_KNOWN
             else [],
         )
-        for k in _ATTENTION_BWD_TUNERS
+        for k in _ATTENTION_BWD_KERNELS
         for c in ("no_wait_all", "no_mma_drain")
     ],
 )
 def test_attention_bwd_large_configs_are_fast_on_sm90(registry_records, kernel_name, check):
-    cfg = _ATTENTION_BWD_TUNERS[kernel_name]["16bit"].all_configs[0]
+    cfg = attention_bwd.tile_configs(kernel_name.removeprefix("attention_bwd_"), "16bit", 128)[0]
     specs = [
         s
         for s in all_compile_specs()
