@@ -32,6 +32,7 @@ from .moe_tiles import (
     config,
     dot,
     expert_tile,
+    expert_weight_descriptor,
     gemm_class,
     gemm_specs,
     grouped_tile,
@@ -172,20 +173,8 @@ def _moe_glu_up_fwd_kernel(
         # w1_e and v1_e as [E, F, H] views: a block stops at the expert's last row (zero fill past it). Two B tiles
         # and two dots of BLOCK_N // 2 columns: TMA cannot interleave two tensors' rows into one shared-memory tile.
         n0 = pid_n * (BLOCK_N // 2)
-        w1_src = tile_descriptor(
-            w1_ptr,
-            (NUM_EXPERTS, ffn, hidden),
-            (tl.cast(ffn, tl.int64) * stride_w1_r, stride_w1_r, 1),
-            (1, BLOCK_N // 2, BLOCK_K),
-            USE_TMA,
-        )
-        v1_src = tile_descriptor(
-            v1_ptr,
-            (NUM_EXPERTS, ffn, hidden),
-            (tl.cast(ffn, tl.int64) * stride_v1_r, stride_v1_r, 1),
-            (1, BLOCK_N // 2, BLOCK_K),
-            USE_TMA,
-        )
+        w1_src = expert_weight_descriptor(w1_ptr, ffn, hidden, stride_w1_r, NUM_EXPERTS, BLOCK_N // 2, BLOCK_K, USE_TMA)
+        v1_src = expert_weight_descriptor(v1_ptr, ffn, hidden, stride_v1_r, NUM_EXPERTS, BLOCK_N // 2, BLOCK_K, USE_TMA)
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
@@ -269,13 +258,7 @@ def _moe_down_fwd_kernel(
     col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     h_src = tile_descriptor(h_ptr, (num_rows, ffn), (stride_h_r, 1), (BLOCK_M, BLOCK_K), USE_TMA)
-    w2_src = tile_descriptor(
-        w2_ptr,
-        (NUM_EXPERTS, ffn, hidden),
-        (tl.cast(ffn, tl.int64) * stride_w2_r, stride_w2_r, 1),
-        (1, BLOCK_K, BLOCK_N),
-        USE_TMA,
-    )
+    w2_src = expert_weight_descriptor(w2_ptr, ffn, hidden, stride_w2_r, NUM_EXPERTS, BLOCK_K, BLOCK_N, USE_TMA)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_r + ks[None, :] * stride_h_f
     w2_ptrs = w2_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_w2_r + cols[None, :] * stride_w2_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -50,6 +50,7 @@ from .moe_tiles import (
     config,
     dot,
     expert_tile,
+    expert_weight_descriptor,
     gemm_class,
     gemm_specs,
     grouped_tile,
@@ -217,13 +218,7 @@ def _moe_down_bwd_kernel(
     # w2_e.T as a [BLOCK_K, BLOCK_N] tile read straight from the [E*F, H] layout: an int64 offset to the tile's
     # first row, int32 offsets within it. USE_TMA: a [BLOCK_N, BLOCK_K] block of w2 as [E, F, H] (zero past the
     # expert's F rows), transposed in shared memory.
-    w2_src = tile_descriptor(
-        w2_ptr,
-        (NUM_EXPERTS, ffn, hidden),
-        (tl.cast(ffn, tl.int64) * stride_w2_r, stride_w2_r, 1),
-        (1, BLOCK_N, BLOCK_K),
-        USE_TMA,
-    )
+    w2_src = expert_weight_descriptor(w2_ptr, ffn, hidden, stride_w2_r, NUM_EXPERTS, BLOCK_N, BLOCK_K, USE_TMA)
     w2_ptrs = w2_ptr + (expert * ffn + pid_n * BLOCK_N).to(tl.int64) * stride_w2_r
     w2_ptrs += tl.arange(0, BLOCK_N)[None, :] * stride_w2_r + ks[:, None] * stride_w2_h
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -339,13 +334,7 @@ def _accumulate_rows_times_expert(
     rows or zeros (masked at the store), b as [E, F, H] zero-fills past the expert's F rows."""
     ks = tl.arange(0, BLOCK_K)
     a_src = tile_descriptor(a_ptr, (num_rows, ffn), (stride_a_p, 1), (BLOCK_M, BLOCK_K), USE_TMA)
-    b_src = tile_descriptor(
-        b_ptr,
-        (NUM_EXPERTS, ffn, hidden),
-        (tl.cast(ffn, tl.int64) * stride_b_r, stride_b_r, 1),
-        (1, BLOCK_K, BLOCK_N),
-        USE_TMA,
-    )
+    b_src = expert_weight_descriptor(b_ptr, ffn, hidden, stride_b_r, NUM_EXPERTS, BLOCK_K, BLOCK_N, USE_TMA)
     a_ptrs = a_ptr + rows64[:, None] * stride_a_p + ks[None, :] * stride_a_f
     b_ptrs = b_ptr + (expert * ffn + ks).to(tl.int64)[:, None] * stride_b_r + cols[None, :] * stride_b_h
     for k0 in range(0, ffn, BLOCK_K):

@@ -220,6 +220,25 @@ def tile_descriptor(base_ptr, shape, strides, block_shape, USE_TMA: tl.constexpr
 
 
 @triton.jit
+def expert_weight_descriptor(
+    w_ptr,
+    ffn,
+    hidden,
+    stride_w_r,
+    NUM_EXPERTS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """An expert weight [E*ffn, hidden] (row stride stride_w_r, columns contiguous) as an [E, ffn, hidden]
+    `tile_descriptor` of [1, BLOCK_R, BLOCK_C] blocks: a block stops at its expert's last row (zeros past it)."""
+    expert_stride = tl.cast(ffn, tl.int64) * stride_w_r
+    return tile_descriptor(
+        w_ptr, (NUM_EXPERTS, ffn, hidden), (expert_stride, stride_w_r, 1), (1, BLOCK_R, BLOCK_C), USE_TMA
+    )
+
+
+@triton.jit
 def load_tile(source, offsets, ptrs, mask, USE_TMA: tl.constexpr):
     """A 2-D operand tile. USE_TMA: `source.load(offsets)` from a `tile_descriptor`, zero outside its shape (`ptrs`
     and `mask` unused: the compiler drops them), a leading block dimension of 1 dropped. Else
