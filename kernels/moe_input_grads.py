@@ -393,55 +393,15 @@ def _moe_up_dgrad_kernel(
     rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_rows_times_expert(
-        acc,
-        dgate_ptr,
-        w1_ptr,
-        num_rows,
-        row_start,
-        rows64,
-        row_mask,
-        expert,
-        n0,
-        cols,
-        col_mask,
-        hidden,
-        ffn,
-        stride_dgate_p,
-        stride_dgate_f,
-        stride_w1_r,
-        stride_w1_h,
-        NUM_EXPERTS,
-        FP32_DOT,
-        USE_TMA,
-        BLOCK_M,
-        BLOCK_N,
+        acc, dgate_ptr, w1_ptr, num_rows, row_start, rows64, row_mask, expert, n0, cols, col_mask, hidden, ffn,
+        stride_dgate_p, stride_dgate_f, stride_w1_r, stride_w1_h, NUM_EXPERTS, FP32_DOT, USE_TMA, BLOCK_M, BLOCK_N,
         BLOCK_K,
-    )
+    )  # fmt: skip
     acc = _accumulate_rows_times_expert(
-        acc,
-        dup_ptr,
-        v1_ptr,
-        num_rows,
-        row_start,
-        rows64,
-        row_mask,
-        expert,
-        n0,
-        cols,
-        col_mask,
-        hidden,
-        ffn,
-        stride_dup_p,
-        stride_dup_f,
-        stride_v1_r,
-        stride_v1_h,
-        NUM_EXPERTS,
-        FP32_DOT,
-        USE_TMA,
-        BLOCK_M,
-        BLOCK_N,
+        acc, dup_ptr, v1_ptr, num_rows, row_start, rows64, row_mask, expert, n0, cols, col_mask, hidden, ffn,
+        stride_dup_p, stride_dup_f, stride_v1_r, stride_v1_h, NUM_EXPERTS, FP32_DOT, USE_TMA, BLOCK_M, BLOCK_N,
         BLOCK_K,
-    )
+    )  # fmt: skip
 
     # The slots again, here rather than kept live (in the store's layout, 16 a thread) across both K loops.
     _, _, slots, row_mask = tile_rows(pid_m, sorted_slots_ptr, expert_offsets_ptr, num_rows, NUM_EXPERTS, BLOCK_M)

@@ -45,6 +45,7 @@ from .moe_checks import (
 )
 from .moe_tiles import (
     autotuned_by_class,
+    chunk_rows,
     config,
     dot,
     expert_rows,
@@ -128,24 +129,19 @@ def _wgrad_tile(ffn, hidden, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, GROUP
 
 
 @triton.jit
-def _rows_t(ptr, p0, row_end, fs, f_mask, stride_p, stride_f, BLOCK_M: tl.constexpr):
-    """Rows p0:p0+BLOCK_M of a [T*k, F] operand in sorted order, transposed: a [BLOCK_F, BLOCK_M] tile. Its mask
-    depends on the loop index only (not on the slots), so the pipeliner can issue it stages ahead; a row with a bad
-    slot meets a zero gathered row. An int64 offset to the first row, int32 offsets within the chunk."""
-    local = tl.arange(0, BLOCK_M)[None, :]
-    mask = f_mask[:, None] & (p0 + local < row_end)
-    offs = tl.cast(p0, tl.int64) * stride_p + (local * stride_p + fs[:, None] * stride_f)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _chunk_tokens(p0, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M: tl.constexpr):
-    """Token ids (int64) of rows p0:p0+BLOCK_M of an expert and the mask of real rows with a valid slot."""
-    rows = p0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
-    row_mask &= (slots >= 0) & (slots < num_rows)
-    return (slots // top_k).to(tl.int64), row_mask
+def _rows_t(src, ptr, p0, f0, row_end, fs, f_mask, stride_p, stride_f, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows p0:p0+BLOCK_M of a [T*k, F] operand in sorted order, transposed: a [BLOCK_F, BLOCK_M] tile (columns fs,
+    the first f0). USE_TMA: from `src`, a [row_end, F] `tile_descriptor`, so a chunk past the expert's last row is
+    zero, not the next expert's rows. Else through pointers, with a mask that depends on the loop index only (not on
+    the slots), so the pipeliner can issue it stages ahead; a row with a bad slot meets a zero gathered row. An int64
+    offset to the first row, int32 offsets within the chunk."""
+    if USE_TMA:
+        return tl.trans(load_tile(src, (p0, f0), None, None, USE_TMA))
+    else:
+        local = tl.arange(0, BLOCK_M)[None, :]
+        mask = f_mask[:, None] & (p0 + local < row_end)
+        offs = tl.cast(p0, tl.int64) * stride_p + (local * stride_p + fs[:, None] * stride_f)
+        return tl.load(ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -183,19 +179,14 @@ def _moe_down_wgrad_kernel(
     descriptor (innermost stride 1); dout rows are gathered."""
     expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_H)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
-    # USE_TMA: hw as a [row_end, ffn] descriptor, so a chunk past the expert's last row is zero, not the next
-    # expert's rows. Its first F column: _wgrad_tile gives the columns.
     h_src = tile_descriptor(h_ptr, (row_end, ffn), (stride_h_r, 1), (BLOCK_M, BLOCK_F), USE_TMA)
     f0 = tl.min(fs, axis=0)
     acc = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
-    tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+    _, tokens, row_mask = chunk_rows(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
         dout = _gathered(dout_ptr, tokens, row_mask, hs, h_mask, stride_dout_t, stride_dout_h)
-        tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        if USE_TMA:
-            hw_t = tl.trans(load_tile(h_src, (p0, f0), None, None, USE_TMA))
-        else:
-            hw_t = _rows_t(h_ptr, p0, row_end, fs, f_mask, stride_h_r, stride_h_f, BLOCK_M)
+        _, tokens, row_mask = chunk_rows(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+        hw_t = _rows_t(h_src, h_ptr, p0, f0, row_end, fs, f_mask, stride_h_r, stride_h_f, BLOCK_M, USE_TMA)
         acc = dot(hw_t, dout, acc, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     tl.store(dw2_ptr + out_offs, acc.to(dw2_ptr.dtype.element_ty), mask=f_mask[:, None] & h_mask[None, :])
@@ -232,25 +223,20 @@ def _moe_up_wgrad_kernel(
     row order. dw1 and dv1 are contiguous [E*ffn, hidden]."""
     expert, fs, hs, f_mask, h_mask = _wgrad_tile(ffn, hidden, BLOCK_F, BLOCK_H, GROUP_H)
     row_start, row_end = expert_rows(expert_offsets_ptr, expert, num_rows)
-    # USE_TMA: dgate and dup as [row_end, ffn] descriptors (see _moe_down_wgrad_kernel).
     dgate_src = tile_descriptor(dgate_ptr, (row_end, ffn), (stride_dgate_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
     dup_src = tile_descriptor(dup_ptr, (row_end, ffn), (stride_dup_p, 1), (BLOCK_M, BLOCK_F), USE_TMA)
     f0 = tl.min(fs, axis=0)
     acc_w1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
     acc_v1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
-    tokens, row_mask = _chunk_tokens(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+    _, tokens, row_mask = chunk_rows(row_start, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
     for p0 in range(row_start, row_end, BLOCK_M):
         x_tile = _gathered(x_ptr, tokens, row_mask, hs, h_mask, stride_x_t, stride_x_h)
-        tokens, row_mask = _chunk_tokens(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
-        if USE_TMA:
-            dgate_t = tl.trans(load_tile(dgate_src, (p0, f0), None, None, USE_TMA))
-        else:
-            dgate_t = _rows_t(dgate_ptr, p0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M)
+        _, tokens, row_mask = chunk_rows(p0 + BLOCK_M, row_end, sorted_slots_ptr, num_rows, top_k, BLOCK_M)
+        dgate_t = _rows_t(
+            dgate_src, dgate_ptr, p0, f0, row_end, fs, f_mask, stride_dgate_p, stride_dgate_f, BLOCK_M, USE_TMA
+        )
         acc_w1 = dot(dgate_t, x_tile, acc_w1, FP32_DOT)
-        if USE_TMA:
-            dup_t = tl.trans(load_tile(dup_src, (p0, f0), None, None, USE_TMA))
-        else:
-            dup_t = _rows_t(dup_ptr, p0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M)
+        dup_t = _rows_t(dup_src, dup_ptr, p0, f0, row_end, fs, f_mask, stride_dup_p, stride_dup_f, BLOCK_M, USE_TMA)
         acc_v1 = dot(dup_t, x_tile, acc_v1, FP32_DOT)
     out_offs = (expert * ffn + fs).to(tl.int64)[:, None] * hidden + hs[None, :]
     out_mask = f_mask[:, None] & h_mask[None, :]
