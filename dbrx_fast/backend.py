@@ -11,6 +11,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# kernels/dtypes.py's, repeated: this module must import without the kernels package (a Triton too old for it).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _warned: set[str] = set()

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
+from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
 
 # Widest chunk of a row: the forward's, and the backward's one-chunk row when its rows are 16-element aligned.
@@ -36,8 +37,6 @@ MAX_BLOCK_C = 8192
 # The backward's chunk in its loop over a wide row, and its widest one-chunk row when not aligned: unvectorised, an
 # 8192-column row with its weight and dweight needs more registers than an SM has (ptxas spills).
 BWD_CHUNK = 4096
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Chunk elements per thread, (fewest, most): at least 4 so that no thread idles on a narrow row; at most 16 in the
 # forward and 8 in the backward, whose row-sized float32 values (weight, xhat, g and the dweight accumulator) must
 # stay in registers with room to spare.
@@ -291,12 +290,8 @@ def _rows(name: str, t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> int:
-    if x.dtype == torch.float64:
-        raise TypeError(f"layernorm: {name} is float64, which the kernel does not support; use the eager path")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"layernorm: {name} must be float16, bfloat16 or float32, got {x.dtype}")
-    if weight.dtype not in _DTYPES:
-        raise TypeError(f"layernorm: weight must be float16, bfloat16 or float32, got {weight.dtype}")
+    check_dtype(f"layernorm: {name}", x)
+    check_dtype("layernorm: weight", weight)
     if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"layernorm: weight {tuple(weight.shape)} must be [C] for {name} {tuple(x.shape)}")
     if weight.device != x.device:
@@ -403,7 +398,7 @@ def compile_specs() -> list[CompileSpec]:
     which stands for every wider row (the same loops).
     """
     specs = []
-    for ty in _TRITON_DTYPE.values():
+    for ty in TRITON_DTYPES.values():
         fwd_signature = {
             "x_ptr": f"*{ty}",
             "w_ptr": f"*{ty}",

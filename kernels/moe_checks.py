@@ -6,17 +6,13 @@ that callers fall back to the torch path; anything else malformed raises before 
 
 import torch
 
-# The dtypes the MoE kernels take, and their names in a Triton signature.
-TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+from .dtypes import check_dtype
 
 
 def check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "x") -> None:
     """t is fp16, bf16 or fp32 (float64 raises TypeError so that callers fall back to torch), and has the dtype and
     device of `like` when given."""
-    if t.dtype == torch.float64:
-        raise TypeError(f"{name} is float64, which the MoE kernels do not support; use the torch reference path")
-    if t.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    check_dtype(name, t)
     if like is not None and (t.dtype != like.dtype or t.device != like.device):
         raise TypeError(f"{name} ({t.dtype}, {t.device}) must match {like_name} ({like.dtype}, {like.device})")
 

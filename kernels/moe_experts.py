@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from .compile_spec import CompileSpec
+from .dtypes import TRITON_DTYPES
 from .launch import launch
-from .moe_checks import TRITON_DTYPES, check_expert_weight, check_float, check_routing, check_top_k, check_weights
+from .moe_checks import check_expert_weight, check_float, check_routing, check_top_k, check_weights
 from .moe_tiles import (
     autotuned_by_class,
     config,

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .autotune import autotune
 from .compile_spec import CompileSpec
+from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
 
 
@@ -52,7 +53,6 @@ class Routing(NamedTuple):
 
 
 MAX_EXPERTS = 256
-_LOGIT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Elements of the [BLOCK_T, BLOCK_E] tile one routing program holds: a few fp32 tiles of this size stay in registers.
 # The backward holds more of them (and three gathered [BLOCK_T] pointer vectors), so its tile is half the size.
 _FWD_TILE = 2048
@@ -331,8 +331,7 @@ def _route_bwd_kernel(
 def _check_logits(router_logits: torch.Tensor) -> None:
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
-    if router_logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"router_logits must be float32, float16 or bfloat16, got {router_logits.dtype}")
+    check_dtype("router_logits", router_logits)
     if not 1 <= router_logits.shape[1] <= MAX_EXPERTS:
         raise ValueError(f"the router supports 1 to {MAX_EXPERTS} experts, got E = {router_logits.shape[1]}")
 
@@ -514,7 +513,7 @@ def compile_specs() -> list[CompileSpec]:
         )
 
     for kernel, name in ((_route_fwd_kernel, "route_fwd"), (_route_bwd_kernel, "route_bwd")):
-        for dtype in _LOGIT_DTYPES.values():
+        for dtype in TRITON_DTYPES.values():
             for cfg in _configs():
                 specs.append(routing_spec(kernel, name, dtype, cfg, 16, NORM_L1))
                 specs.append(routing_spec(kernel, name, dtype, cfg, MAX_EXPERTS, NORM_LP))

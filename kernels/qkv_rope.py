@@ -30,8 +30,9 @@ import triton.language as tl
 
 from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
+from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
-from .rope import _DTYPES, _TRITON_DTYPE, MAX_HEAD_DIM, check_table, rotate_halves
+from .rope import MAX_HEAD_DIM, check_table, rotate_halves
 
 
 def _configs() -> list[triton.Config]:
@@ -208,10 +209,7 @@ def _qkv_rope_kernel(
 
 
 def _check_activation(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
-    if t.dtype == torch.float64:
-        raise TypeError(f"qkv_rope: {name} is float64, which the kernel does not support; use the eager path")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"qkv_rope: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    check_dtype(f"qkv_rope: {name}", t)
     if t.dim() != ndim:
         raise ValueError(f"qkv_rope: {name} must be {layout}, got shape {tuple(t.shape)}")
     if t.stride(-1) != 1:
@@ -406,7 +404,7 @@ def compile_specs() -> list[CompileSpec]:
         (True, True, False),
     ]
     specs = []
-    for ty in _TRITON_DTYPE.values():
+    for ty in TRITON_DTYPES.values():
         for backward, clamp, cache in modes:
             signature = {
                 **{name: f"*{ty}" for name in ("fused_ptr", "x_ptr", "q_ptr", "k_ptr", "v_ptr")},

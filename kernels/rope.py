@@ -23,11 +23,10 @@ import triton.language as tl
 
 from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
+from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
 
 MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _configs() -> list[triton.Config]:
@@ -169,10 +168,7 @@ def rope(
     backward=True applies the inverse rotation, which is the gradient of the forward with respect to q and k.
     """
     for name, t in (("q", q), ("k", k)):
-        if t.dtype == torch.float64:
-            raise TypeError(f"rope: {name} is float64, which the kernel does not support; use the eager path")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"rope: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        check_dtype(f"rope: {name}", t)
         if t.dim() != 4:
             raise ValueError(f"rope: {name} must be [B, H, S, D], got shape {tuple(t.shape)}")
         if t.stride(-1) != 1:
@@ -237,7 +233,7 @@ def compile_specs() -> list[CompileSpec]:
         "n_heads_q n_heads_k seq_len stride_q_b stride_q_h stride_q_s stride_k_b stride_k_h stride_k_s "
         "stride_cos_b stride_cos_s stride_sin_b stride_sin_s"
     ).split()
-    for ty in _TRITON_DTYPE.values():
+    for ty in TRITON_DTYPES.values():
         signature = {
             "q_ptr": f"*{ty}",
             "k_ptr": f"*{ty}",

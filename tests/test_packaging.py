@@ -180,3 +180,11 @@ def test_unsupported_triton_is_refused_at_kernel_import(tmp_path):
     assert seen["3.6.0"] is None and seen["3.10.0"] is None, seen
     assert "needs Triton >= 3.6, found 3.5.1" in seen["3.5.1"], seen
     assert "backend='torch'" in seen["3.5.1"] and seen["package"], seen
+
+
+def test_backend_names_the_kernels_dtypes():
+    # dbrx_fast.backend repeats kernels/dtypes.py's dtypes, since it must import without the kernels: they agree.
+    from dbrx_fast import backend
+    from dbrx_fast.kernels import dtypes
+
+    assert set(backend.TRITON_DTYPES) == set(dtypes.TRITON_DTYPES)
