@@ -40,15 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_fwd import LOG2_E, SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH, check_attention_args
 from .attention_mask import key_range, keys_allowed, query_range
 from .autotune import autotune
 from .compile_spec import CompileSpec, describe
+from .dtypes import TRITON_DTYPES
 from .launch import launch
 from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-HEAD_DIMS = (16, 32, 64, 128)
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 
 # Tiles per GEMM class; the first of each class is pinned under the interpreter. The dK/dV program holds its
@@ -168,7 +167,7 @@ def _row_stats(lse_row, delta_row, offs_m, q_valid):
     lse = tl.load(lse_row + offs_m, mask=q_valid, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_row + offs_m, mask=q_valid, other=0.0)
-    return lse * LOG2E, delta
+    return lse * LOG2_E, delta
 
 
 @triton.jit
@@ -289,7 +288,7 @@ def _attention_bwd_dkdv_kernel(
         masked_end = num_queries
     else:
         masked_end = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2_E
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for i in range(group):
@@ -432,7 +431,7 @@ def _attention_bwd_dq_kernel(
         unmasked_end = lo
     else:
         unmasked_end = tl.maximum(tl.minimum(m0 + q_offset + 1, num_keys), 0) // BLOCK_N * BLOCK_N
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2_E
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for n0 in range(lo, unmasked_end, BLOCK_N):
         dq = _dq_tile(
@@ -453,36 +452,27 @@ _DKDV = _tuners("dkdv", _attention_bwd_dkdv_kernel, key=[*_KEY, "DK", "DV"])
 _DQ = _tuners("dq", _attention_bwd_dq_kernel, key=_KEY)
 
 
-def _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start) -> None:
-    """ValueError or TypeError naming the argument that does not fit the contract of the module docstring."""
-    for name, t in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out)):
-        if t.dim() != 4 or t.stride(-1) != 1:
-            raise ValueError(f"attention_bwd: {name} must be 4-d with a unit last stride, got {tuple(t.shape)}")
+def _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start):
+    """The forward's checks (`check_attention_args`), then those of dout, out and lse and of the unit last strides
+    the kernels read with: ValueError or TypeError naming the argument. Returns (q_offset, key_mask, key_start) as
+    `check_attention_args` does."""
+    masks = check_attention_args(q, k, v, q_offset, key_mask, key_start)
+    batch, n_heads, num_queries, head_dim = q.shape
+    for name, t in (("dout", dout), ("out", out)):
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"attention_bwd: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"attention_bwd: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    batch, n_heads, num_queries, head_dim = q.shape
-    n_heads_kv, num_keys = k.shape[1], k.shape[2]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"attention_bwd: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    if n_heads_kv == 0 or n_heads % n_heads_kv or tuple(v.shape) != tuple(k.shape) or k.shape[::3] != q.shape[::3]:
-        raise ValueError(f"attention_bwd: q {tuple(q.shape)} does not fit k {tuple(k.shape)} and v {tuple(v.shape)}")
-    for name, t in (("dout", dout), ("out", out)):
         if tuple(t.shape) != (batch, num_queries, n_heads, head_dim):
             raise ValueError(f"attention_bwd: {name} must be {(batch, num_queries, n_heads, head_dim)}, got {t.shape}")
-    expected = {
-        "lse": (lse, (batch, n_heads, num_queries), torch.float32),
-        "q_offset": (q_offset, (batch,), torch.int32),
-        "key_mask": (key_mask, (batch, num_keys), torch.uint8),
-        "key_start": (key_start, (batch, num_queries), torch.int32),
-    }
-    for name, (t, shape, dtype) in expected.items():
-        if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device or t.stride(-1) != 1):
-            raise ValueError(
-                f"attention_bwd: {name} must be {dtype} {shape} on {q.device} with a unit last stride, got "
-                f"{t.dtype} {tuple(t.shape)} on {t.device} strides {t.stride()}"
-            )
+    for name, t in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention_bwd: {name} needs a unit last stride, got strides {t.stride()}")
+    shape = (batch, n_heads, num_queries)
+    if tuple(lse.shape) != shape or lse.dtype != torch.float32 or lse.device != q.device or lse.stride(-1) != 1:
+        raise ValueError(
+            f"attention_bwd: lse must be float32 {shape} on {q.device} with a unit last stride, got {lse.dtype} "
+            f"{tuple(lse.shape)} on {lse.device} strides {lse.stride()}"
+        )
+    return masks
 
 
 @torch.library.triton_op("dbrx_fast::attention_bwd", mutates_args={})
@@ -499,8 +489,8 @@ def attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, D]) of the attention the forward computed; see the
-    module docstring. key_mask is uint8 (a bool mask's `.view(torch.uint8)`), key_start int32; None for neither."""
-    _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start)
+    module docstring. key_mask is uint8 or bool, key_start int32; None for neither."""
+    q_offset, key_mask, key_start = _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start)
     batch, n_heads, num_queries, head_dim = q.shape
     n_heads_kv, num_keys = k.shape[1], k.shape[2]
     if q.numel() == 0 or k.numel() == 0:  # nothing to attend to or from: every gradient is zero
@@ -573,14 +563,10 @@ def attention_bwd(
     return dq, dk, dv
 
 
-# DBRX's attention shape in the compile specs: 48 query heads on 8 KV heads, contiguous tensors at a sequence of
-# 4096. The strides are fixed values (see moe_tiles.DBRX_HIDDEN for why): every launch at these shapes specializes
-# them as multiples of 16, which is what lets the tiles load as vectors.
-DBRX_HEADS, DBRX_KV_HEADS, SPEC_SEQ = 48, 8, 4096
-
-
 def _spec_strides(head_dim: int) -> dict[str, int]:
-    n, hq, hk, d = SPEC_SEQ, DBRX_HEADS, DBRX_KV_HEADS, head_dim
+    """The strides of the forward's compile specs (attention_fwd.SPEC_HEADS: DBRX's heads, contiguous tensors at a
+    4096-token sequence), with dout's and lse's."""
+    n, hq, hk, d = SPEC_LENGTH, SPEC_HEADS, SPEC_KV_HEADS, head_dim
     strides = {"stride_q_b": hq * n * d, "stride_q_h": n * d, "stride_q_m": d}
     for t in ("k", "v"):
         strides.update({f"stride_{t}_b": hk * n * d, f"stride_{t}_h": n * d, f"stride_{t}_n": d})
@@ -601,7 +587,7 @@ def compile_specs() -> list[CompileSpec]:
     dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and config of
     `tile_configs` at the head dim."""
     specs = []
-    for dtype in _DTYPES.values():
+    for dtype in TRITON_DTYPES.values():
         for head_dim in (64, 128):
             specs.append(
                 CompileSpec(

@@ -36,9 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_fwd import LOG2_E
 from .attention_mask import key_range, keys_allowed
 from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
+from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
 
 MAX_QUERIES = 8
@@ -58,9 +60,6 @@ MAX_SPLITS = 64
 _CPU_SMS = 64
 # Partials the combine kernel merges per step of its loop over a row's splits (at most MAX_SPLITS).
 _COMBINE_BLOCK_S = 4
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_LOG2E = 1.4426950408889634
 
 
 def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
@@ -265,8 +264,7 @@ def _check(q, k, v, q_offset, key_mask) -> torch.Tensor | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention_decode: {name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"attention_decode: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        check_dtype(f"attention_decode: {name}", t)
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"attention_decode: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
         if t.stride(-1) != 1:
@@ -342,7 +340,7 @@ def attention_decode(
         num_keys,
         group,
         splits,
-        scale * _LOG2E,
+        scale * LOG2_E.value,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -380,7 +378,7 @@ def compile_specs() -> list[CompileSpec]:
         "stride_v_b stride_v_h stride_v_n stride_key_mask_b"
     ).split()
     specs = []
-    for dtype, ty in _TRITON_DTYPE.items():
+    for dtype, ty in TRITON_DTYPES.items():
         signature = {
             "q_ptr": f"*{ty}",
             "k_ptr": f"*{ty}",

@@ -51,12 +51,12 @@ import triton.language as tl
 from .attention_mask import key_range, keys_all_see, keys_allowed
 from .autotune import autotune
 from .compile_spec import CompileSpec, describe
+from .dtypes import check_dtype
 from .launch import launch
 from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class, load_tile, tile_descriptor, tma_workspace, use_tma
 
 HEAD_DIMS = (16, 32, 64, 128)
-TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-LOG2_E = math.log2(math.e)
+LOG2_E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2_E); a constexpr, so kernels can read it too
 
 
 # Tiles that only the TMA path offers (`_prune_by_path`): 64 x 64 on 4 warps and 3 stages, two blocks per SM on sm_90
@@ -296,10 +296,7 @@ def check_attention_args(q, k, v, q_offset, key_mask, key_start) -> tuple[torch.
     device with Hq a multiple of Hkv and D in HEAD_DIMS, and the mask tensors fit (see the module docstring).
     Returns (q_offset, key_mask as uint8 or None, key_start), each with a contiguous last dim."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype == torch.float64:
-            raise TypeError(f"{name} is float64, which the attention kernels do not support; use the reference path")
-        if t.dtype not in TRITON_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        check_dtype(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, length, head_dim], got shape {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
@@ -380,7 +377,7 @@ def attention_fwd(
             triton.next_power_of_2(num_keys),
             num_q_heads,
             num_q_heads // k.shape[1],
-            scale * LOG2_E,
+            scale * LOG2_E.value,
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
@@ -398,7 +395,7 @@ def attention_fwd(
 # DBRX's attention at a 4096-token prefill, in the layout the compile specs fix: q [B, 48, N, D] and k, v
 # [B, 8, N, D] contiguous. A launch specializes strides divisible by 16 (every one at these shapes), which proves the
 # rows 16-byte aligned so that tiles load as vectors; a CompileSpec cannot say "divisible by 16", so it fixes values.
-_SPEC_HEADS, _SPEC_KV_HEADS, _SPEC_LENGTH = 48, 8, 4096
+SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH = 48, 8, 4096
 # What compile specs check besides the plain causal launch: padding and packing, with the pinned tiles.
 _MASK_VARIANTS = ({"HAS_KEY_MASK": True}, {"HAS_KEY_START": True}, {"HAS_KEY_MASK": True, "HAS_KEY_START": True})
 
@@ -415,12 +412,12 @@ def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, v
         "qk_scale": "fp32",
     }
     strides = {}
-    for t, heads in (("q", _SPEC_HEADS), ("k", _SPEC_KV_HEADS), ("v", _SPEC_KV_HEADS)):
-        strides |= {f"stride_{t}_b": heads * _SPEC_LENGTH * head_dim, f"stride_{t}_h": _SPEC_LENGTH * head_dim}
+    for t, heads in (("q", SPEC_HEADS), ("k", SPEC_KV_HEADS), ("v", SPEC_KV_HEADS)):
+        strides |= {f"stride_{t}_b": heads * SPEC_LENGTH * head_dim, f"stride_{t}_h": SPEC_LENGTH * head_dim}
         strides[f"stride_{t}_n"] = head_dim
     constexprs = {
-        "num_q_heads": _SPEC_HEADS,
-        "group": _SPEC_HEADS // _SPEC_KV_HEADS,
+        "num_q_heads": SPEC_HEADS,
+        "group": SPEC_HEADS // SPEC_KV_HEADS,
         **strides,
         "HEAD_DIM": head_dim,
         "HAS_KEY_MASK": False,

@@ -193,8 +193,8 @@ def test_empty(device):
         (lambda a: a.update(lse=a["lse"].double()), "lse"),
         (lambda a: a.update(q_offset=a["q_offset"].long()), "q_offset"),
         (lambda a: a.update(out=a["out"].float()), "out is torch.float32"),
-        (lambda a: a.update(q=a["q"][..., :48], dout=a["dout"][..., :48], out=a["out"][..., :48]), "head_dim"),
-        (lambda a: a.update(k=a["k"][:, :1].expand(-1, 3, -1, -1)), "does not fit"),
+        (lambda a: a.update({n: a[n][..., :48] for n in ("q", "k", "v", "dout", "out")}), "head_dim"),
+        (lambda a: a.update({n: a[n][:, :1].expand(-1, 3, -1, -1) for n in ("k", "v")}), "must be a multiple"),
     ],
     ids=["lse_dtype", "q_offset_dtype", "mixed_dtype", "head_dim", "group"],
 )
