@@ -145,23 +145,23 @@ MUTATIONS = [
     Mutation(
         "up_dgrad: drops the v1 term",
         "moe_input_grads.py",
-        "acc = _accumulate_rows_times_expert(\n        acc,\n        dup_ptr,",
-        "acc = acc + 0 * _accumulate_rows_times_expert(\n        acc,\n        dup_ptr,",
+        "acc = _accumulate_rows_times_expert(\n        acc, dup_ptr,",
+        "acc = acc + 0 * _accumulate_rows_times_expert(\n        acc, dup_ptr,",
         MOE_BWD,
     ),
     # Weight-gradient GEMMs.
     Mutation(
         "down_wgrad: drops the first row chunk",
         "moe_weight_grads.py",
-        "acc = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)\n    for p0 in range(row_start, ",
-        "acc = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)\n    for p0 in range(row_start + BLOCK_M, ",
+        "for p0 in range(row_start, row_end, BLOCK_M):\n        dout = _gathered(",
+        "for p0 in range(row_start + BLOCK_M, row_end, BLOCK_M):\n        dout = _gathered(",
         MOE_BWD,
     ),
     Mutation(
-        "down_wgrad: no routing weight",
-        "moe_weight_grads.py",
-        ".to(tl.float32) * weight[None, :]",
-        ".to(tl.float32)",
+        "down_bwd: hw (dw2's operand) without the routing weight",
+        "moe_input_grads.py",
+        "(silu * up * weight).to(hw_ptr.dtype.element_ty)",
+        "(silu * up).to(hw_ptr.dtype.element_ty)",
         MOE_BWD,
     ),
     Mutation(
@@ -252,8 +252,8 @@ MUTATIONS = [
     Mutation(
         "attention_fwd: the causal diagonal tile unmasked",
         "attention_fwd.py",
-        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, mid_lo)",
-        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N + 1) * BLOCK_N, mid_lo)",
+        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, lo)",
+        "mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N + 1) * BLOCK_N, lo)",
         ATTENTION_FWD,
     ),
     Mutation(
