@@ -6,11 +6,11 @@ then reports registers and spill bytes, the compiled metadata gives the dynamic 
 whether tensor-core matmuls use Hopper's `wgmma`. A spec fails if it does not compile, spills, needs more shared
 memory than the architecture has, or is a tl.dot kernel (`matrix=True`) whose sm_90 PTX has no `wgmma`.
 
-The same PTX also gives a static performance reading (`read_ptx_performance` and `read_ptx_tma`, no extra
-compilation): the wgmma N widths, whether the main loop waits for all its loads or drains the MMA pipeline,
-exp/divide instructions per MMA in the main loop, the TMA loads issued there, and, with ptxas' registers and the
-shared memory, the blocks that fit on one SM. These are reported, not failed here: tests/test_compile_gpu_targets.py
-enforces them for the large-T MoE configs.
+The same PTX also gives a static performance reading (`read_ptx_performance`, no extra compilation): the wgmma N
+widths, whether the main loop waits for all its loads or drains the MMA pipeline, exp/divide instructions per MMA in
+the main loop, the TMA loads issued there, and, with ptxas' registers and the shared memory, the blocks that fit on
+one SM. These are reported, not failed here: tests/test_compile_gpu_targets.py enforces them for the large-T MoE
+configs.
 
     python -m dbrx_fast.inspect                          # table of every spec; exit status 1 if anything fails
     python -m dbrx_fast.inspect --arch 90 --filter rope  # one architecture, specs whose name contains "rope"
@@ -245,8 +245,10 @@ def read_ptx_performance(ptx: str) -> dict:
       instruction in the main loops, both counted per thread as written (statically: unrolled code counts as
       written, a branch taken or not counts the same). The main loop rather than the whole kernel: the epilogue runs
       once per tile, the loop once per K step, so only the loop's ratio says whether SFU work competes with the
-      MMA. None without a main loop.
-    (And `read_ptx_tma`: the TMA loads there.)
+      MMA. None without a main loop;
+    - loop_tma: TMA loads (`cp.async.bulk.tensor.Nd.shared::*.global`) in the main loops as written, normally one per
+      operand tile that a K step loads through a tensor descriptor; 0 where every load is cp.async or ld.global
+      (sm_80 has no TMA); None without a main loop.
     sm_80's mma.sync is synchronous: there only wait-all and the SFU ratio say something (drain is always False).
     """
     lines = _ptx_instructions(ptx)
@@ -259,16 +261,8 @@ def read_ptx_performance(ptx: str) -> dict:
         and any(_waits_for(line, "cp.async.wait_group") == 0 or line.startswith("cp.async.wait_all") for line in body),
         loop_drains_mma=bool(loops) and any(_waits_for(line, "wgmma.wait_group.sync.aligned") == 0 for line in body),
         loop_sfu_per_mma=sum(1 for line in body if _is_sfu(line)) / mma if mma else None,
+        loop_tma=sum(1 for line in body if _TMA_LOAD.match(line)) if loops else None,
     )
-
-
-def read_ptx_tma(ptx: str) -> int | None:
-    """The CompileRecord field loop_tma: TMA loads (`cp.async.bulk.tensor.Nd.shared::*.global`) in the main loops (see
-    `main_loop_bodies`) as written, normally one per operand tile that a K step loads through a tensor descriptor; 0
-    where every load is cp.async or ld.global (sm_80 has no TMA); None without a main loop."""
-    lines = _ptx_instructions(ptx)
-    loops = main_loop_bodies(lines)
-    return sum(1 for a, b in loops for line in lines[a : b + 1] if _TMA_LOAD.match(line)) if loops else None
 
 
 def ptxas_path(arch: int) -> str:
@@ -375,7 +369,6 @@ def compile_spec(spec, arch: int) -> CompileRecord:
         record.warps = spec.num_warps
         for field, value in read_ptx_performance(ptx).items():
             setattr(record, field, value)
-        record.loop_tma = read_ptx_tma(ptx)
         if record.smem <= SHARED_MEMORY_LIMIT[arch]:  # else loading it fails, and the table says why already
             record.driver_spills = _driver_spills(compiled, arch)
     except Exception as exc:  # every failure is a finding for the table, not a crash of the tool

@@ -629,7 +629,7 @@ $L__BB0_9:
     ((first, last),) = main_loop_bodies(lines)
     assert lines[first] == "$L__BB0_3:" and lines[last].split() == ["bra", "$L__BB0_3;"]
     assert read_ptx_performance(ptx) == dict(
-        wgmma_n=[256], loop_waits_all=False, loop_drains_mma=False, loop_sfu_per_mma=0.0
+        wgmma_n=[256], loop_waits_all=False, loop_drains_mma=False, loop_sfu_per_mma=0.0, loop_tma=0
     )
     sfu = "ex2.approx.ftz.f32 %r3, %r4;\n\tdiv.full.f32 %r3, %r3, %r4;\n\trcp.rn.f32 %r3, %r3;"
     inner_sfu = read_ptx_performance(ptx.replace("wgmma.wait_group.sync.aligned 1;", sfu))
@@ -637,7 +637,7 @@ $L__BB0_9:
     assert read_ptx_performance(ptx.replace("aligned 1;", "aligned 0;"))["loop_drains_mma"]
     # Without the inner loop the outer one is main: its wait-all, its drain, its ex2 (div.s32 is no SFU work).
     outer = read_ptx_performance(ptx.replace("@!%p3 bra \t$L__BB0_3;", ""))
-    assert outer == dict(wgmma_n=[256], loop_waits_all=True, loop_drains_mma=True, loop_sfu_per_mma=1.0)
+    assert outer == dict(wgmma_n=[256], loop_waits_all=True, loop_drains_mma=True, loop_sfu_per_mma=1.0, loop_tma=0)
 
 
 def test_blocks_per_sm():
@@ -717,5 +717,5 @@ $L__BB0_1:
 	ret;
 """
     # The prologue's load is outside the loop; a store and a prefetch are no loads.
-    assert dbrx_inspect.read_ptx_tma(ptx) == 2
-    assert dbrx_inspect.read_ptx_tma(ptx.replace("wgmma.mma_async", "add.s32")) is None  # no main loop
+    assert read_ptx_performance(ptx)["loop_tma"] == 2
+    assert read_ptx_performance(ptx.replace("wgmma.mma_async", "add.s32"))["loop_tma"] is None  # no main loop
