@@ -44,6 +44,7 @@ import torch
 import triton
 
 from dbrx_fast.kernels import moe_experts, moe_input_grads, moe_weight_grads
+from dbrx_fast.kernels.dtypes import TRITON_DTYPES
 from dbrx_fast.kernels.moe_tiles import gemm_class, num_m_tiles_upper_bound
 
 
@@ -71,7 +72,6 @@ H200 = dataclasses.replace(H100_SXM, name="H200", bandwidth=4.8e12)
 GPUS = {"h100": H100_SXM, "h200": H200}
 
 DBRX = {"hidden": 6144, "ffn": 10752, "experts": 16, "top_k": 4}
-_ITEMSIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 _COMPILE_CHECK = Path(__file__).resolve().parent / "results" / "compile-check"
 
 
@@ -95,7 +95,7 @@ class Shape:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
+        return self.dtype.itemsize
 
     def counts(self) -> list[int]:
         """Rows per expert under balanced routing."""
@@ -167,11 +167,10 @@ def _compiled_blocks_per_sm(kernel: str, dtype: torch.dtype, cfg) -> int | None:
         return None
     want = {f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith("GROUP_")}
     want |= {f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"}
-    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     found = []
     for line in (installed if installed in tables else tables[-1]).read_text().splitlines():
         words = line.split()
-        if len(words) > 4 and words[:2] == [kernel, dtype_name] and "sm_90" in words and want <= set(words):
+        if len(words) > 4 and words[:2] == [kernel, TRITON_DTYPES[dtype]] and "sm_90" in words and want <= set(words):
             found.append(int(words[-3]))
     return min(found, default=None)
 
