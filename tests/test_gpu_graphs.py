@@ -8,11 +8,13 @@ import inspect
 
 import pytest
 import torch
+import triton
 from models import tiny_config, tiny_model
 from transformers import StaticCache
 
 import dbrx_fast
 from dbrx_fast import backend
+from dbrx_fast.kernels import autotune, layernorm
 from dbrx_fast.warmup import decode_token_counts
 
 CONFIG = dict(n_heads=4, kv_n_heads=2, experts=8, top_k=2)
@@ -63,6 +65,19 @@ def test_capture_before_warmup_raises_and_after_warmup_runs(monkeypatch, device)
         assert torch.equal(decode(tokens, capturing=True), decode(tokens, capturing=False))
     with pytest.raises(RuntimeError, match="MoE experts"):
         decode(5, capturing=True)  # 10 rows: bucket 16, which a warm-up to 4 tokens did not reach
+
+
+def test_an_autotuner_refuses_to_benchmark_inside_a_capture(monkeypatch):
+    """The guard on the tuners' own keys (kernels/autotune.py): Triton times a new key's configs through
+    Autotuner._bench, which every autotuner of ours refuses while the current CUDA stream is being captured."""
+    assert "self._bench(" in inspect.getsource(triton.runtime.autotuner.Autotuner.run)
+    tuner = layernorm._layernorm_fwd_kernel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="_layernorm_fwd_kernel meets a new autotune key inside CUDA-graph capture"):
+        tuner._bench(config=tuner.configs[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert autotune._refused_in_capture(lambda **meta: meta, "k")(config="c") == {"config": "c"}
 
 
 def decode_step(model, ids, cache, position):
