@@ -52,8 +52,14 @@ from .attention_mask import key_range, keys_all_see, keys_allowed
 from .autotune import autotune
 from .compile_spec import CompileSpec, describe
 from .dtypes import check_dtype
-from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class, load_tile, tile_descriptor, tma_workspace, use_tma
+from .moe_tiles import (
+    GEMM_CLASS_DTYPES,
+    config,
+    dot,
+    launch_gemm,
+    load_tile,
+    tile_descriptor,
+)
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2_E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2_E); a constexpr, so kernels can read it too
@@ -355,40 +361,36 @@ def attention_fwd(
     def grid(meta):
         return (triton.cdiv(num_queries, meta["BLOCK_M"]), num_q_heads, batch)
 
-    cls, fp32_dot = gemm_class(q.dtype)
     # TMA for the 16-bit class on sm_90 (DBRX_FAST_TMA overrides); fp32 keeps the pointer path, as do unaligned strides.
-    tma = cls == "16bit" and use_tma(q.device, q, k, v)
     # Absent mask tensors: q_offset stands in for the pointer, never read (its flag is off).
-    with tma_workspace(q.device, tma):
-        launch(
-            _ATTENTION_FWD[cls],
-            grid,
-            q,
-            k,
-            v,
-            q_offset,
-            q_offset.view(torch.uint8) if key_mask is None else key_mask,
-            q_offset if key_start is None else key_start,
-            out,
-            lse,
-            num_queries,
-            num_keys,
-            triton.next_power_of_2(num_queries),
-            triton.next_power_of_2(num_keys),
-            num_q_heads,
-            num_q_heads // k.shape[1],
-            scale * LOG2_E.value,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            0 if key_mask is None else key_mask.stride(0),
-            0 if key_start is None else key_start.stride(0),
-            HEAD_DIM=head_dim,
-            HAS_KEY_MASK=key_mask is not None,
-            HAS_KEY_START=key_start is not None,
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _ATTENTION_FWD,
+        grid,
+        q,
+        k,
+        v,
+        q_offset,
+        q_offset.view(torch.uint8) if key_mask is None else key_mask,
+        q_offset if key_start is None else key_start,
+        out,
+        lse,
+        num_queries,
+        num_keys,
+        triton.next_power_of_2(num_queries),
+        triton.next_power_of_2(num_keys),
+        num_q_heads,
+        num_q_heads // k.shape[1],
+        scale * LOG2_E.value,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        0 if key_mask is None else key_mask.stride(0),
+        0 if key_start is None else key_start.stride(0),
+        HEAD_DIM=head_dim,
+        HAS_KEY_MASK=key_mask is not None,
+        HAS_KEY_START=key_start is not None,
+        tma_operands=(q, k, v),
+    )
     return out, lse
 
 

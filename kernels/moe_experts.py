@@ -34,18 +34,16 @@ from .moe_tiles import (
     dot,
     expert_tile,
     expert_weight_descriptor,
-    gemm_class,
     gemm_specs,
     grouped_tile,
     kernel_spec,
+    launch_gemm,
     launched_m_tiles,
     load_tile,
     num_m_tiles_upper_bound,
     span_rows,
     tile_descriptor,
     tile_rows,
-    tma_workspace,
-    use_tma,
 )
 
 _COMBINE_BLOCK_H = 1024
@@ -339,37 +337,33 @@ def moe_glu_up(
             num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"] // 2),
         )
 
-    cls, fp32_dot = gemm_class(x.dtype)
     # TMA for the weights (x rows are gathered: pointer loads).
-    tma = cls == "16bit" and use_tma(x.device, w1, v1)
-    with tma_workspace(x.device, tma):
-        launch(
-            _GLU_UP[cls],
-            grid,
-            x,
-            w1,
-            v1,
-            sorted_slots,
-            expert_offsets,
-            h,
-            gate,
-            up,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            x.shape[1],
-            ffn,
-            top_k,
-            x.stride(0),
-            x.stride(1),
-            w1.stride(0),
-            w1.stride(1),
-            v1.stride(0),
-            v1.stride(1),
-            NUM_EXPERTS=num_experts,
-            SAVE_PREACT=save_preact,
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _GLU_UP,
+        grid,
+        x,
+        w1,
+        v1,
+        sorted_slots,
+        expert_offsets,
+        h,
+        gate,
+        up,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        x.shape[1],
+        ffn,
+        top_k,
+        x.stride(0),
+        x.stride(1),
+        w1.stride(0),
+        w1.stride(1),
+        v1.stride(0),
+        v1.stride(1),
+        NUM_EXPERTS=num_experts,
+        SAVE_PREACT=save_preact,
+        tma_operands=(w1, v1),
+    )
     return h, gate, up
 
 
@@ -403,34 +397,30 @@ def moe_down(
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
 
-    cls, fp32_dot = gemm_class(h.dtype)
     # TMA for the 16-bit class, the one DBRX runs; fp32 keeps the pointer path (and half the compile specs).
-    tma = cls == "16bit" and use_tma(h.device, h, w2)
-    with tma_workspace(h.device, tma):
-        launch(
-            _DOWN[cls],
-            grid,
-            h,
-            w2,
-            weights,
-            sorted_slots,
-            expert_offsets,
-            y,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            hidden,
-            ffn,
-            top_k,
-            h.stride(0),
-            h.stride(1),
-            w2.stride(0),
-            w2.stride(1),
-            weights.stride(0),
-            weights.stride(1),
-            NUM_EXPERTS=num_experts,
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _DOWN,
+        grid,
+        h,
+        w2,
+        weights,
+        sorted_slots,
+        expert_offsets,
+        y,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        top_k,
+        h.stride(0),
+        h.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        NUM_EXPERTS=num_experts,
+        tma_operands=(h, w2),
+    )
     return y
 
 

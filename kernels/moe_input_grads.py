@@ -51,18 +51,16 @@ from .moe_tiles import (
     dot,
     expert_tile,
     expert_weight_descriptor,
-    gemm_class,
     gemm_specs,
     grouped_tile,
     kernel_spec,
+    launch_gemm,
     launched_m_tiles,
     load_tile,
     num_m_tiles_upper_bound,
     span_rows,
     tile_descriptor,
     tile_rows,
-    tma_workspace,
-    use_tma,
 )
 
 # The dweights partial buffer has one row per F-tile and is allocated before the autotuner picks a config, so every
@@ -457,44 +455,40 @@ def moe_down_bwd(
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * num_partials,)
 
-    cls, fp32_dot = gemm_class(gate.dtype)
-    tma = cls == "16bit" and use_tma(gate.device, w2)
-    with tma_workspace(gate.device, tma):
-        launch(
-            _DOWN_BWD[cls],
-            grid,
-            dout,
-            gate,
-            up,
-            w2,
-            weights,
-            sorted_slots,
-            expert_offsets,
-            dgate,
-            dup,
-            hw if store_h else dgate,  # not written without STORE_H
-            partial,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            hidden,
-            ffn,
-            top_k,
-            dout.stride(0),
-            dout.stride(1),
-            gate.stride(0),
-            gate.stride(1),
-            up.stride(0),
-            up.stride(1),
-            w2.stride(0),
-            w2.stride(1),
-            weights.stride(0),
-            weights.stride(1),
-            NUM_EXPERTS=num_experts,
-            STORE_H=store_h,
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-            BLOCK_N=_DOWN_BWD_BLOCK_N,
-        )
+    launch_gemm(
+        _DOWN_BWD,
+        grid,
+        dout,
+        gate,
+        up,
+        w2,
+        weights,
+        sorted_slots,
+        expert_offsets,
+        dgate,
+        dup,
+        hw if store_h else dgate,  # not written without STORE_H
+        partial,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        top_k,
+        dout.stride(0),
+        dout.stride(1),
+        gate.stride(0),
+        gate.stride(1),
+        up.stride(0),
+        up.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        NUM_EXPERTS=num_experts,
+        STORE_H=store_h,
+        BLOCK_N=_DOWN_BWD_BLOCK_N,
+        tma_operands=(w2,),
+    )
     grid = (triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK),)
     launch(
         _moe_sum_partials_kernel,
@@ -545,35 +539,31 @@ def moe_up_dgrad(
     def grid(meta):
         return (num_m_tiles_upper_bound(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
 
-    cls, fp32_dot = gemm_class(dgate.dtype)
-    tma = cls == "16bit" and use_tma(dgate.device, dgate, dup, w1, v1)
-    with tma_workspace(dgate.device, tma):
-        launch(
-            _UP_DGRAD[cls],
-            grid,
-            dgate,
-            dup,
-            w1,
-            v1,
-            sorted_slots,
-            expert_offsets,
-            dx_slot,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            hidden,
-            ffn,
-            dgate.stride(0),
-            dgate.stride(1),
-            dup.stride(0),
-            dup.stride(1),
-            w1.stride(0),
-            w1.stride(1),
-            v1.stride(0),
-            v1.stride(1),
-            NUM_EXPERTS=num_experts,
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _UP_DGRAD,
+        grid,
+        dgate,
+        dup,
+        w1,
+        v1,
+        sorted_slots,
+        expert_offsets,
+        dx_slot,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        dgate.stride(0),
+        dgate.stride(1),
+        dup.stride(0),
+        dup.stride(1),
+        w1.stride(0),
+        w1.stride(1),
+        v1.stride(0),
+        v1.stride(1),
+        NUM_EXPERTS=num_experts,
+        tma_operands=(dgate, dup, w1, v1),
+    )
     return moe_combine(dx_slot, top_k, dgate.dtype)
 
 

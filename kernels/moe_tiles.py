@@ -10,8 +10,9 @@ and `grouped_tile` orders the (M-tile, N-tile) programs for L2 reuse. The weight
 expert's rows (`expert_rows`) in chunks (`chunk_rows`).
 
 Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, operand tiles through TMA descriptors or
-pointers (`use_tma`, `tile_descriptor`, `load_tile`, `tma_workspace`), and the compile-spec builder `gemm_specs` /
-`kernel_spec` at DBRX's sizes.
+pointers (`use_tma`, `tile_descriptor`, `load_tile`, `tma_workspace`), the launch that picks a class and path
+(`launch_gemm`, the attention forward's too), and the compile-spec builder `gemm_specs` / `kernel_spec` at DBRX's
+sizes.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
+from .launch import launch
 
 # DBRX's sizes, fixed in the compile specs. A launch specializes every integer argument divisible by 16 (hidden, ffn
 # and the row strides at DBRX's shapes) and every one equal to 1 (inner strides), which proves the rows 16-byte
@@ -207,6 +209,18 @@ def tma_workspace(device: torch.device, enabled: bool):
         yield
     finally:
         _allocation._allocator.reset(token)
+
+
+def launch_gemm(tuners: dict, grid, *args, tma_operands: tuple[torch.Tensor, ...], **meta) -> None:
+    """launch(tuners[class], grid, *args, **meta) for the GEMM class of the operands' dtype (`gemm_class`), with its
+    FP32_DOT, and with USE_TMA where the 16-bit class can load `tma_operands` through descriptors (`use_tma`; the
+    workspace set around the launch). The class and device are those of tma_operands[0]: a launch's operands share
+    both."""
+    first = tma_operands[0]
+    cls, fp32_dot = gemm_class(first.dtype)
+    tma = cls == "16bit" and use_tma(first.device, *tma_operands)
+    with tma_workspace(first.device, tma):
+        launch(tuners[cls], grid, *args, **meta, FP32_DOT=fp32_dot, USE_TMA=tma)
 
 
 @triton.jit

@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from .compile_spec import CompileSpec
-from .launch import launch
 from .moe_checks import (
     check_float,
     check_matrix,
@@ -49,13 +48,11 @@ from .moe_tiles import (
     config,
     dot,
     expert_rows,
-    gemm_class,
     gemm_specs,
     grouped_tile,
+    launch_gemm,
     load_tile,
     tile_descriptor,
-    tma_workspace,
-    use_tma,
 )
 
 # Tiles per GEMM class (see moe_tiles.py). Every one compiles for sm_80 and sm_90 without spilling, with Triton 3.6
@@ -287,29 +284,25 @@ def moe_down_wgrad(
     dw2 = hw.new_empty((num_experts * ffn, hidden))
     if dw2.numel() == 0:
         return dw2
-    cls, fp32_dot = gemm_class(hw.dtype)
-    tma = cls == "16bit" and use_tma(hw.device, hw)
-    with tma_workspace(hw.device, tma):
-        launch(
-            _DOWN_WGRAD[cls],
-            _grid(num_experts, ffn, hidden),
-            hw,
-            dout,
-            sorted_slots,
-            expert_offsets,
-            dw2,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            hidden,
-            ffn,
-            top_k,
-            hw.stride(0),
-            hw.stride(1),
-            dout.stride(0),
-            dout.stride(1),
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _DOWN_WGRAD,
+        _grid(num_experts, ffn, hidden),
+        hw,
+        dout,
+        sorted_slots,
+        expert_offsets,
+        dw2,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        top_k,
+        hw.stride(0),
+        hw.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        tma_operands=(hw,),
+    )
     return dw2
 
 
@@ -340,33 +333,29 @@ def moe_up_wgrad(
     if dw1.numel() == 0:
         return dw1, dv1
 
-    cls, fp32_dot = gemm_class(x.dtype)
-    tma = cls == "16bit" and use_tma(x.device, dgate, dup)
-    with tma_workspace(x.device, tma):
-        launch(
-            _UP_WGRAD[cls],
-            _grid(num_experts, ffn, hidden),
-            dgate,
-            dup,
-            x,
-            sorted_slots,
-            expert_offsets,
-            dw1,
-            dv1,
-            num_rows,
-            triton.next_power_of_2(num_rows),
-            hidden,
-            ffn,
-            top_k,
-            dgate.stride(0),
-            dgate.stride(1),
-            dup.stride(0),
-            dup.stride(1),
-            x.stride(0),
-            x.stride(1),
-            FP32_DOT=fp32_dot,
-            USE_TMA=tma,
-        )
+    launch_gemm(
+        _UP_WGRAD,
+        _grid(num_experts, ffn, hidden),
+        dgate,
+        dup,
+        x,
+        sorted_slots,
+        expert_offsets,
+        dw1,
+        dv1,
+        num_rows,
+        triton.next_power_of_2(num_rows),
+        hidden,
+        ffn,
+        top_k,
+        dgate.stride(0),
+        dgate.stride(1),
+        dup.stride(0),
+        dup.stride(1),
+        x.stride(0),
+        x.stride(1),
+        tma_operands=(dgate, dup),
+    )
     return dw1, dv1
 
 

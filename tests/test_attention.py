@@ -26,6 +26,7 @@ from tf32 import TF32Matmuls, matmul_precision
 from dbrx_fast import reference
 from dbrx_fast.attention_mask import AttentionMask
 from dbrx_fast.kernels import attention_fwd as fwd_module
+from dbrx_fast.kernels import moe_tiles
 from dbrx_fast.kernels.attention_fwd import attention_fwd
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
@@ -299,7 +300,7 @@ def fwd_on_path(q, k, v, mask, scale, monkeypatch, tma: str):
         launch(kernel, grid, *args, **meta)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fwd_module, "launch", spy)
+        patch.setattr(moe_tiles, "launch", spy)  # the forward launches through moe_tiles.launch_gemm
         patch.setenv("DBRX_FAST_TMA", tma)
         out, lse = attention_fwd(q, k, v, mask.q_offset, mask.key_mask, mask.key_start, scale)
     return out, lse, seen

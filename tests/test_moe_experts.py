@@ -24,6 +24,7 @@ from triton.runtime import interpreter
 from dbrx_fast import reference
 from dbrx_fast.kernels import interpreter as gpu_interpreter
 from dbrx_fast.kernels import moe_experts as fwd_kernels
+from dbrx_fast.kernels import moe_tiles
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
 from dbrx_fast.kernels.moe_experts import moe_combine, moe_down, moe_glu_up
@@ -393,7 +394,7 @@ def test_gemm_class_of_each_launch(dtype, precision, gemm_class, fp32_dot, devic
         seen.append((kernel, meta["FP32_DOT"]))
         launch(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(fwd_kernels, "launch", spy)
+    monkeypatch.setattr(moe_tiles, "launch", spy)  # every GEMM launch goes through moe_tiles.launch_gemm
     case = BY_NAME["T37_E4_k2"]
     x, w1, v1, w2, routing = _problem(case, dtype, device)
     with matmul_precision(precision):

@@ -21,6 +21,7 @@ from triton.runtime import _allocation
 
 from dbrx_fast.kernels import moe_experts as fwd_kernels
 from dbrx_fast.kernels import moe_input_grads as input_grad_kernels
+from dbrx_fast.kernels import moe_tiles
 from dbrx_fast.kernels import moe_weight_grads as weight_grad_kernels
 from dbrx_fast.kernels.autotune import forced_config
 from dbrx_fast.kernels.launch import launch
@@ -55,17 +56,16 @@ def _inputs(case, dtype, device):
     return h, w2, routing, y64
 
 
-def _spied(module, op, args, monkeypatch, tma: str):
-    """(op(*args), the USE_TMA of each GEMM launch in `module`) with DBRX_FAST_TMA=tma."""
+def _spied(op, args, monkeypatch, tma: str):
+    """(op(*args), the USE_TMA of each GEMM launch (all go through moe_tiles.launch_gemm)) with DBRX_FAST_TMA=tma."""
     seen = []
 
     def spy(kernel, grid, *launch_args, **meta):
-        if "USE_TMA" in meta:
-            seen.append(meta["USE_TMA"])
+        seen.append(meta["USE_TMA"])
         launch(kernel, grid, *launch_args, **meta)
 
     with monkeypatch.context() as patch:
-        patch.setattr(module, "launch", spy)
+        patch.setattr(moe_tiles, "launch", spy)
         patch.setenv("DBRX_FAST_TMA", tma)
         out = op(*args)
     return out, seen
@@ -74,7 +74,7 @@ def _spied(module, op, args, monkeypatch, tma: str):
 def _down(h, w2, routing, top_k, monkeypatch, tma: str):
     """(y, the USE_TMA of each launch) of moe_down with DBRX_FAST_TMA=tma."""
     args = (h, w2, routing.weights, routing.sorted_slots, routing.expert_offsets, top_k)
-    return _spied(fwd_kernels, moe_down, args, monkeypatch, tma)
+    return _spied(moe_down, args, monkeypatch, tma)
 
 
 def _up_inputs(case, dtype, device):
@@ -89,7 +89,7 @@ def _up_inputs(case, dtype, device):
 
 def _glu_up(x, w1, v1, routing, top_k, monkeypatch, tma: str):
     args = (x, w1, v1, routing.sorted_slots, routing.expert_offsets, top_k, True)
-    return _spied(fwd_kernels, moe_glu_up, args, monkeypatch, tma)
+    return _spied(moe_glu_up, args, monkeypatch, tma)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def _dgrad_inputs(case, dtype, device):
 
 def _up_dgrad(dgate, dup, w1, v1, routing, case, monkeypatch, tma: str):
     args = (dgate, dup, w1, v1, routing.sorted_slots, routing.expert_offsets, case.top_k, case.tokens)
-    return _spied(input_grad_kernels, moe_up_dgrad, args, monkeypatch, tma)
+    return _spied(moe_up_dgrad, args, monkeypatch, tma)
 
 
 @pytest.mark.parametrize(("case", "dtype"), [("ragged_tiles", torch.float16)], ids=["ragged_tiles-fp16"])
@@ -265,7 +265,7 @@ def test_up_dgrad_tma_every_config(device, monkeypatch):
 def _down_bwd(p, monkeypatch, tma: str):
     """((dgate, dup, dweights, hw), the USE_TMA of each GEMM launch) of moe_down_bwd with DBRX_FAST_TMA=tma."""
     args = (p.dout, p.gate, p.up, p.w2, p.weights, p.sorted_slots, p.expert_offsets, p.top_k)
-    return _spied(input_grad_kernels, moe_down_bwd, args, monkeypatch, tma)
+    return _spied(moe_down_bwd, args, monkeypatch, tma)
 
 
 def _assert_down_bwd_accurate(out, p, what=""):
@@ -328,7 +328,7 @@ def _wgrad_inputs(case, dtype, device):
 
 def _down_wgrad(hw, dout, routing, case, monkeypatch, tma: str):
     args = (hw, dout, routing.sorted_slots, routing.expert_offsets, case.top_k, case.experts)
-    return _spied(weight_grad_kernels, moe_down_wgrad, args, monkeypatch, tma)
+    return _spied(moe_down_wgrad, args, monkeypatch, tma)
 
 
 def test_down_wgrad_tma_matches_pointer_path(device, monkeypatch):
@@ -374,7 +374,7 @@ def test_down_wgrad_tma_every_config(device, monkeypatch):
 def _up_wgrad(dgate, dup, x, routing, case, monkeypatch, tma: str):
     """((dw1, dv1) as [E, F, H], the USE_TMA of each launch) of moe_up_wgrad; x plays dout's part of _wgrad_inputs."""
     args = (dgate, dup, x, routing.sorted_slots, routing.expert_offsets, case.top_k, case.experts)
-    (dw1, dv1), seen = _spied(weight_grad_kernels, moe_up_wgrad, args, monkeypatch, tma)
+    (dw1, dv1), seen = _spied(moe_up_wgrad, args, monkeypatch, tma)
     return (dw1.view(case.experts, case.ffn, -1), dv1.view(case.experts, case.ffn, -1)), seen
 
 
