@@ -42,11 +42,10 @@ import triton.language as tl
 
 from .attention_fwd import LOG2_E, SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH, check_attention_args
 from .attention_mask import key_range, keys_allowed, query_range
-from .autotune import autotune
 from .compile_spec import CompileSpec, describe
 from .dtypes import TRITON_DTYPES
 from .launch import launch
-from .moe_tiles import GEMM_CLASS_DTYPES, config, dot, gemm_class
+from .moe_tiles import GEMM_CLASS_DTYPES, autotuned_by_class, config, dot, gemm_class
 
 DELTA_BLOCK_M = 32  # 64 spills at D = 128 on sm_80 with Triton 3.6
 
@@ -114,10 +113,7 @@ def _tuners(kernel: str, fn, key: list[str]) -> dict[str, object]:
         fits = [c for c in configs if any(c in tile_configs(kernel, cls, head_dim) for cls in _CONFIGS[kernel])]
         return fits or configs
 
-    return {
-        cls: autotune(cfgs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
-        for cls, cfgs in _CONFIGS[kernel].items()
-    }
+    return autotuned_by_class(fn, _CONFIGS[kernel], key, prune_configs_by={"early_config_prune": prune})
 
 
 _KEY = ["HEAD_DIM", "FP32_DOT", "HAS_KEY_MASK", "HAS_KEY_START"]

@@ -38,10 +38,10 @@ import triton.language as tl
 
 from .attention_fwd import LOG2_E
 from .attention_mask import key_range, keys_allowed
-from .autotune import autotune
 from .compile_spec import CompileSpec, config_spec
 from .dtypes import TRITON_DTYPES, check_dtype
 from .launch import launch
+from .moe_tiles import autotuned_by_class
 
 MAX_QUERIES = 8
 MAX_HEAD_DIM = 256
@@ -195,10 +195,9 @@ def _attention_decode_split_kernel(
 
 
 # One autotuner per dtype class, keyed on every code-changing constexpr (triton adds the tensors' dtypes).
-SPLIT_KERNELS = {
-    cls: autotune(configs, key=["BLOCK_M", "HEAD_DIM", "HAS_KEY_MASK", "KV_ALIGNED"])(_attention_decode_split_kernel)
-    for cls, configs in CONFIGS.items()
-}
+SPLIT_KERNELS = autotuned_by_class(
+    _attention_decode_split_kernel, CONFIGS, ["BLOCK_M", "HEAD_DIM", "HAS_KEY_MASK", "KV_ALIGNED"]
+)
 
 
 @triton.jit(do_not_specialize=["num_queries", "num_splits"])

@@ -49,11 +49,11 @@ import triton
 import triton.language as tl
 
 from .attention_mask import key_range, keys_all_see, keys_allowed
-from .autotune import autotune
 from .compile_spec import CompileSpec, describe
 from .dtypes import check_dtype
 from .moe_tiles import (
     GEMM_CLASS_DTYPES,
+    autotuned_by_class,
     config,
     dot,
     launch_gemm,
@@ -282,14 +282,12 @@ def _prune_by_path(configs, named_args, **kwargs):
 
 # One autotuner per GEMM class (pinned to its first config under the interpreter or DBRX_FAST_AUTOTUNE=0). Keys: both
 # length buckets and every constexpr a launch passes (each changes the code).
-_ATTENTION_FWD = {
-    cls: autotune(
-        configs,
-        key=["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT", "USE_TMA"],
-        prune_configs_by={"early_config_prune": _prune_by_path},
-    )(_attention_fwd_kernel)
-    for cls, configs in _configs().items()
-}
+_ATTENTION_FWD = autotuned_by_class(
+    _attention_fwd_kernel,
+    _configs(),
+    ["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT", "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune_by_path},
+)
 
 
 def offered(cls: str, tma: bool) -> list[triton.Config]:

@@ -270,10 +270,11 @@ def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-def autotuned_by_class(kernel, configs: dict[str, list], key: list[str]) -> dict[str, object]:
-    """One autotuner per GEMM class over the same @triton.jit kernel, each with its class's tiles (pinned to the
-    first under the interpreter or DBRX_FAST_AUTOTUNE=0)."""
-    return {cls: autotune(cfgs, key=key)(kernel) for cls, cfgs in configs.items()}
+def autotuned_by_class(kernel, configs: dict[str, list], key: list[str], **kwargs) -> dict[str, object]:
+    """One autotuner per class of `configs` (the GEMM classes, or the decode kernel's dtype classes) over the same
+    @triton.jit kernel, each with its class's tiles (pinned to the first under the interpreter or
+    DBRX_FAST_AUTOTUNE=0); `kwargs` go to every `autotune` (prune_configs_by)."""
+    return {cls: autotune(cfgs, key=key, **kwargs)(kernel) for cls, cfgs in configs.items()}
 
 
 def launch_args(kernel, dtype: str, fp32_ptrs: tuple[str, ...] = ()) -> tuple[dict[str, str], dict[str, object]]:
