@@ -34,7 +34,7 @@ from .moe_tiles import (
     dot,
     expert_tile,
     expert_weight_descriptor,
-    gemm_specs,
+    gemm_path_specs,
     grouped_tile,
     kernel_spec,
     launch_gemm,
@@ -451,25 +451,9 @@ def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, mode, autotune config) of the forward kernels at DBRX's shapes with contiguous tensors
     (see `launch_args` in moe_tiles.py), and the combine in every output dtype."""
     save_preact = ({"SAVE_PREACT": True}, {"SAVE_PREACT": False})
-    specs = gemm_specs(
-        "moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), fixed={"USE_TMA": False}, variants=save_preact
-    )
-    # sm_80 never takes a TMA path (where Triton would lower it to cp.async, and spill at some tiles).
-    tma = ({"USE_TMA": True},)
-    # The up kernel's TMA path in bf16 only: fp16 builds the same tiles (a different MMA type), and each of its
-    # 14 specs costs a compile per release in CI.
-    up_tma = gemm_specs(
-        "moe_glu_up",
-        _moe_glu_up_fwd_kernel,
-        {"16bit": _up_configs()["16bit"]},
-        variants=tuple({**mode, "USE_TMA": True} for mode in save_preact),
-        archs=(90,),
-    )
-    specs += [s for s in up_tma if " bf16 " in s.name]
+    specs = gemm_path_specs("moe_glu_up", _moe_glu_up_fwd_kernel, _up_configs(), variants=save_preact)
     down_ptrs = ("weights_ptr", "y_ptr")
-    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), down_ptrs, fixed={"USE_TMA": False})
-    tma_configs = {"16bit": _down_configs()["16bit"]}
-    specs += gemm_specs("moe_down", _moe_down_fwd_kernel, tma_configs, down_ptrs, variants=tma, archs=(90,))
+    specs += gemm_path_specs("moe_down", _moe_down_fwd_kernel, _down_configs(), down_ptrs, tma_dtypes=("bf16", "fp16"))
     for dtype in TRITON_DTYPES.values():
         name = f"moe_combine {dtype} BLOCK_H={_COMBINE_BLOCK_H}"
         specs.append(kernel_spec(name, _moe_combine_kernel, dtype, ("y_ptr",), 4, BLOCK_H=_COMBINE_BLOCK_H))

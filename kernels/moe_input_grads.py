@@ -51,7 +51,7 @@ from .moe_tiles import (
     dot,
     expert_tile,
     expert_weight_descriptor,
-    gemm_specs,
+    gemm_path_specs,
     grouped_tile,
     kernel_spec,
     launch_gemm,
@@ -570,38 +570,15 @@ def moe_up_dgrad(
 def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, autotune config) the input-gradient kernels launch with, at DBRX's shapes (see
     `launch_args` in moe_tiles.py)."""
-    specs = gemm_specs(
+    specs = gemm_path_specs(
         "moe_down_bwd",
         _moe_down_bwd_kernel,
         _down_bwd_configs(),
         ("weights_ptr", "partial_ptr"),
-        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N, "USE_TMA": False},
+        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
         variants=({"STORE_H": True}, {"STORE_H": False}),
     )
-    # The TMA paths: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
-    down_bwd_tma = gemm_specs(
-        "moe_down_bwd",
-        _moe_down_bwd_kernel,
-        {"16bit": _down_bwd_configs()["16bit"]},
-        ("weights_ptr", "partial_ptr"),
-        fixed={"BLOCK_N": _DOWN_BWD_BLOCK_N},
-        variants=({"STORE_H": True, "USE_TMA": True}, {"STORE_H": False, "USE_TMA": True}),
-        archs=(90,),
-    )
-    specs += [s for s in down_bwd_tma if " bf16 " in s.name]
-    specs += gemm_specs(
-        "moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",), fixed={"USE_TMA": False}
-    )
-    # The TMA path: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
-    dgrad_tma = gemm_specs(
-        "moe_up_dgrad",
-        _moe_up_dgrad_kernel,
-        {"16bit": _up_dgrad_configs()["16bit"]},
-        ("dx_slot_ptr",),
-        variants=({"USE_TMA": True},),
-        archs=(90,),
-    )
-    specs += [s for s in dgrad_tma if " bf16 " in s.name]
+    specs += gemm_path_specs("moe_up_dgrad", _moe_up_dgrad_kernel, _up_dgrad_configs(), ("dx_slot_ptr",))
     name = f"moe_sum_partials fp32 BLOCK={_SUM_PARTIALS_BLOCK}"
     specs.append(kernel_spec(name, _moe_sum_partials_kernel, "fp32", (), 4, BLOCK=_SUM_PARTIALS_BLOCK))
     return specs

@@ -11,8 +11,8 @@ expert's rows (`expert_rows`) in chunks (`chunk_rows`).
 
 Also shared: the GEMM classes (`gemm_class`, `autotuned_by_class`) with `dot`, operand tiles through TMA descriptors or
 pointers (`use_tma`, `tile_descriptor`, `load_tile`, `tma_workspace`), the launch that picks a class and path
-(`launch_gemm`, the attention forward's too), and the compile-spec builder `gemm_specs` / `kernel_spec` at DBRX's
-sizes.
+(`launch_gemm`, the attention forward's too), and the compile-spec builders at DBRX's sizes: `gemm_path_specs` (both
+paths of a launcher, over `gemm_specs`) and `kernel_spec`.
 """
 
 import contextlib
@@ -331,6 +331,25 @@ def gemm_specs(
                     matrix = cls != "fp32_dot"
                     specs.append(config_spec(label, kernel, signature, meta, cfg, matrix=matrix, archs=archs))
     return specs
+
+
+def gemm_path_specs(
+    name: str,
+    kernel,
+    configs: dict[str, list],
+    fp32_ptrs: tuple[str, ...] = (),
+    fixed: dict | None = None,
+    variants: tuple[dict, ...] = ({},),
+    tma_dtypes: tuple[str, ...] = ("bf16",),
+) -> list[CompileSpec]:
+    """`gemm_specs` of both paths a launcher takes (`launch_gemm`): the pointer path (USE_TMA off) of every class on
+    sm_80 and sm_90, then the TMA path of the 16-bit class on sm_90 only (sm_80 never takes it: Triton would lower
+    it to cp.async, and spill at some tiles) in `tma_dtypes` (fp16 builds the same tiles as bf16 with another MMA
+    type, and each spec costs a compile per release in CI)."""
+    pointer = gemm_specs(name, kernel, configs, fp32_ptrs, {**(fixed or {}), "USE_TMA": False}, variants)
+    tma_variants = tuple({**variant, "USE_TMA": True} for variant in variants)
+    tma = gemm_specs(name, kernel, {"16bit": configs["16bit"]}, fp32_ptrs, fixed, tma_variants, archs=(90,))
+    return pointer + [spec for spec in tma if spec.name.split()[1] in tma_dtypes]
 
 
 def kernel_spec(name: str, kernel, dtype: str, fp32_ptrs: tuple[str, ...], num_warps: int, **meta) -> CompileSpec:

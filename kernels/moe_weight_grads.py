@@ -48,7 +48,7 @@ from .moe_tiles import (
     config,
     dot,
     expert_rows,
-    gemm_specs,
+    gemm_path_specs,
     grouped_tile,
     launch_gemm,
     load_tile,
@@ -362,22 +362,5 @@ def moe_up_wgrad(
 def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, autotune config) the weight-gradient kernels launch with, at DBRX's shapes (see
     `launch_args` in moe_tiles.py)."""
-    specs = gemm_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs(), fixed={"USE_TMA": False})
-    # The TMA path: sm_90 only (see moe_experts.compile_specs), bf16 only (fp16 builds the same tiles).
-    tma = gemm_specs(
-        "moe_down_wgrad",
-        _moe_down_wgrad_kernel,
-        {"16bit": _down_wgrad_configs()["16bit"]},
-        variants=({"USE_TMA": True},),
-        archs=(90,),
-    )
-    specs += [s for s in tma if " bf16 " in s.name]
-    specs += gemm_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs(), fixed={"USE_TMA": False})
-    tma = gemm_specs(
-        "moe_up_wgrad",
-        _moe_up_wgrad_kernel,
-        {"16bit": _up_wgrad_configs()["16bit"]},
-        variants=({"USE_TMA": True},),
-        archs=(90,),
-    )
-    return specs + [s for s in tma if " bf16 " in s.name]
+    specs = gemm_path_specs("moe_down_wgrad", _moe_down_wgrad_kernel, _down_wgrad_configs())
+    return specs + gemm_path_specs("moe_up_wgrad", _moe_up_wgrad_kernel, _up_wgrad_configs())
