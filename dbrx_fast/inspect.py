@@ -87,6 +87,7 @@ class CompileRecord:
     wgmma_n: list[int] | None = None  # N widths of the wgmma instructions (m64nNk...), ascending; [] without wgmma
     loop_waits_all: bool | None = None  # a main loop waits for all its loads (see read_ptx_performance)
     loop_drains_mma: bool | None = None  # a main loop drains the wgmma pipeline
+    loop_sfu_under_mma: bool | None = None  # every exp/divide of the main loops issues while a wgmma is in flight
     loop_sfu_per_mma: float | None = None  # exp/divide instructions per MMA instruction in the main loops
     loop_tma: int | None = None  # TMA loads (cp.async.bulk.tensor global -> shared) in the main loops
     error: str | None = None  # why compilation or ptxas failed
@@ -233,6 +234,28 @@ def main_loop_bodies(lines: list[str]) -> list[tuple[int, int]]:
     ]
 
 
+def _all_known(values: list) -> bool | None:
+    """all() of the values that are not None; None if every one is."""
+    known = [v for v in values if v is not None]
+    return all(known) if known else None
+
+
+def sfu_under_mma(body: list[str]) -> bool | None:
+    """Whether every exp/divide instruction of a loop body issues while a wgmma group is in flight (committed, not
+    yet waited for), in the loop's steady state: the body is walked twice, since a group committed late in one
+    iteration is in flight early in the next. None where the body commits no wgmma or has no exp/divide."""
+    in_flight, seen = 0, []
+    for steady in (False, True):
+        for line in body:
+            if line.startswith("wgmma.commit_group"):
+                in_flight += 1
+            elif (pending := _waits_for(line, "wgmma.wait_group.sync.aligned")) is not None:
+                in_flight = min(in_flight, pending)
+            elif steady and _is_sfu(line):
+                seen.append(in_flight > 0)
+    return all(seen) if seen and any(line.startswith("wgmma.commit_group") for line in body) else None
+
+
 def read_ptx_performance(ptx: str) -> dict:
     """The static performance reading of one kernel's PTX, as CompileRecord fields:
     - wgmma_n: the N of every `wgmma.mma_async...m64nNk...` in the kernel (Hopper's MMA is 64 rows high and reads
@@ -241,6 +264,9 @@ def read_ptx_performance(ptx: str) -> dict:
       every load in flight, so loads do not overlap the MMA (a one-buffer loop);
     - loop_drains_mma: a main loop holds `wgmma.wait_group.sync.aligned 0`: the tensor cores idle until every MMA
       issued so far is done, within the iteration (an unpipelined loop, or two dots into one accumulator);
+    - loop_sfu_under_mma: every exp/divide of the main loops issues while a wgmma is in flight (`sfu_under_mma`),
+      so that SFU work (an attention softmax) overlaps the tensor cores, even in a loop that also drains; None
+      without wgmma or exp/divide in the main loops;
     - loop_sfu_per_mma: exp (`ex2`), reciprocal (`rcp`) and float divide (`div.*.f32`) instructions per MMA
       instruction in the main loops, both counted per thread as written (statically: unrolled code counts as
       written, a branch taken or not counts the same). The main loop rather than the whole kernel: the epilogue runs
@@ -260,6 +286,7 @@ def read_ptx_performance(ptx: str) -> dict:
         loop_waits_all=bool(loops)
         and any(_waits_for(line, "cp.async.wait_group") == 0 or line.startswith("cp.async.wait_all") for line in body),
         loop_drains_mma=bool(loops) and any(_waits_for(line, "wgmma.wait_group.sync.aligned") == 0 for line in body),
+        loop_sfu_under_mma=_all_known([sfu_under_mma(loop) for loop in loops]),
         loop_sfu_per_mma=sum(1 for line in body if _is_sfu(line)) / mma if mma else None,
         loop_tma=sum(1 for line in body if _TMA_LOAD.match(line)) if loops else None,
     )
@@ -458,13 +485,14 @@ def _loop_cell(r: CompileRecord) -> str:
     if r.loop_sfu_per_mma is None:  # no main loop read (no MMA in a loop, or no record)
         return "-"
     flags = [name for name, on in (("waitall", r.loop_waits_all), ("drain", r.loop_drains_mma)) if on]
-    return "+".join(flags) or "pipelined"
+    return ("+".join(flags) or "pipelined") + ("+sfu||mma" if r.loop_sfu_under_mma else "")
 
 
 def format_table(records: list[CompileRecord]) -> str:
     """A text table, one row per record, then each failure's reasons in full. The performance columns (see
-    read_ptx_performance): wgmma N widths, the main loop's waits, exp/divide per MMA there, its TMA loads, and blocks
-    per SM as "resident (by registers, by shared memory)"."""
+    read_ptx_performance): wgmma N widths, the main loop's waits (and "sfu||mma" where its exp/divide work issues
+    under a wgmma in flight), exp/divide per MMA there, its TMA loads, and blocks per SM as "resident (by registers,
+    by shared memory)"."""
     headers = ("kernel / config", "arch", "regs", "spills", "smem", "instrs", "wgmma")
     headers += ("mma_n", "main loop", "sfu/mma", "tma", "blocks/SM", "status")
 

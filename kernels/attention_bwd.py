@@ -16,6 +16,9 @@ across programs and no float atomic is needed:
      tiles exceed 255 registers on sm_90 and spill. The dV launch skips the dP and dS dots: 5 dots a tile, not 4.
   3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
         dq += ds @ k
+     For 16 bits on sm_90 that dot is deferred (DEFER_DOT, attention_fwd.defer_dot): the next step issues it after
+     its own score dots, so that it runs on the tensor cores during that step's exp2 and ds (the compile tables'
+     "drain+sfu||mma"), the same products in the same order, bit for bit. The key tile loads again there.
 Products are fp32; operands enter the dots in their storage dtype (p and ds rounded to it), fp32 as IEEE or TF32
 as kernels/moe_tiles.gemm_class decides. Masks come from kernels/attention_mask.keys_allowed. The dQ kernel masks
 only the tiles the causal diagonal, padding or packing cut (a loop of its own); the dK/dV kernel runs one loop whose
@@ -25,7 +28,8 @@ whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients
 
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
-other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it).
+other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it);
+in dQ the deferred dot overlaps the softmax (see 3.), in dK/dV not yet.
 That drain costs less the more work a tile holds, so the 16-bit tiles are the largest that compile without spills
 on sm_80 and sm_90 with Triton 3.6 and 3.9, chosen per head dim (`tile_configs`): dK/dV 32 queries x 128 keys at
 D <= 64; at D = 128 16 x 64 on 3 stages (pipelined) and 32 x 64 on 2 (twice the work, its loads waited for every
@@ -40,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2_E, SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH, check_attention_args
+from .attention_fwd import LOG2_E, SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH, check_attention_args, defer_dot
 from .attention_mask import key_range, keys_allowed, query_range
 from .compile_spec import CompileSpec, describe
 from .dtypes import TRITON_DTYPES
@@ -312,8 +316,16 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _keys_t(head, offs_n, valid, stride_n, HEAD_DIM: tl.constexpr):
+    """Rows offs_n of one head's keys (or values), transposed to [HEAD_DIM, len(offs_n)]; zeros where not valid."""
+    rows = offs_n.to(tl.int64)[None, :]
+    return tl.load(head + rows * stride_n + tl.arange(0, HEAD_DIM)[:, None], mask=valid[None, :], other=0.0)
+
+
+@triton.jit
 def _dq_tile(
     dq,
+    ds_prev,
     q,
     do,
     lse2,
@@ -321,6 +333,7 @@ def _dq_tile(
     k_head,
     v_head,
     n0,
+    lo,
     offs_m,
     q_valid,
     q_offset,
@@ -335,25 +348,36 @@ def _dq_tile(
     MASKED: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
+    DEFER_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dq plus the contribution of keys n0..n0+BLOCK_N to the queries offs_m."""
+    """dq plus the contribution of keys n0..n0+BLOCK_N to the queries offs_m, in a loop over the key blocks lo,
+    lo + BLOCK_N, ... Returns (dq, this block's ds). DEFER_DOT: this block's ds @ k waits for the next step, which
+    issues it after its own score dots, and this step issues the previous block's (ds_prev, zeros before the first)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     k_valid = offs_n < num_keys
-    keys = offs_n.to(tl.int64)[None, :]
-    k_t = tl.load(k_head + keys * stride_k_n + offs_d[:, None], mask=k_valid[None, :], other=0.0)
-    v_t = tl.load(v_head + keys * stride_v_n + offs_d[:, None], mask=k_valid[None, :], other=0.0)
+    k_t = _keys_t(k_head, offs_n, k_valid, stride_k_n, HEAD_DIM)
+    v_t = _keys_t(v_head, offs_n, k_valid, stride_v_n, HEAD_DIM)
     s = dot(q, k_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+    if DEFER_DOT:
+        dp = dot(do, v_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+        # The previous block's keys load again (an L2 hit) rather than carried over in registers: Triton leaves a
+        # dot in flight only if its shared-memory operands come from the loop's pipelined buffers.
+        prev = offs_n - BLOCK_N
+        k_prev = _keys_t(k_head, prev, (prev >= lo) & (prev < num_keys), stride_k_n, HEAD_DIM)
+        dq = dot(ds_prev.to(k_t.dtype), tl.trans(k_prev), dq, FP32_DOT)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         allowed = keys_allowed(
             offs_m, q_valid, offs_n, q_offset, num_keys, key_mask_row, key_start_row, HAS_KEY_MASK, HAS_KEY_START
         )
         p = tl.where(allowed, p, 0.0)
-    dp = dot(do, v_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+    if not DEFER_DOT:  # sm_80's order: ptxas allocates it without spills (fp32 on sm_90 too)
+        dp = dot(do, v_t, tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
     ds = p * (dp - delta[:, None])
-    return dot(ds.to(k_t.dtype), tl.trans(k_t), dq, FP32_DOT)
+    if not DEFER_DOT:
+        dq = dot(ds.to(k_t.dtype), tl.trans(k_t), dq, FP32_DOT)
+    return dq, ds if DEFER_DOT else ds_prev  # nothing carried over when not deferred
 
 
 @triton.jit(do_not_specialize=["num_queries", "num_keys"])
@@ -393,6 +417,7 @@ def _attention_bwd_dq_kernel(
     FP32_DOT: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
+    DEFER_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -429,23 +454,30 @@ def _attention_bwd_dq_kernel(
         unmasked_end = tl.maximum(tl.minimum(m0 + q_offset + 1, num_keys), 0) // BLOCK_N * BLOCK_N
     qk_scale = scale * LOG2_E
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    ds = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for n0 in range(lo, unmasked_end, BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, k_head, v_head, n0, offs_m, q_valid, q_offset, num_keys, qk_scale, key_mask_row,
-            key_start_row, stride_k_n, stride_v_n, HEAD_DIM, FP32_DOT, False, HAS_KEY_MASK, HAS_KEY_START, BLOCK_N,
+        dq, ds = _dq_tile(
+            dq, ds, q, do, lse2, delta, k_head, v_head, n0, lo, offs_m, q_valid, q_offset, num_keys, qk_scale,
+            key_mask_row, key_start_row, stride_k_n, stride_v_n,
+            HEAD_DIM, FP32_DOT, False, HAS_KEY_MASK, HAS_KEY_START, DEFER_DOT, BLOCK_N,
         )  # fmt: skip
     for n0 in range(unmasked_end, hi, BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, k_head, v_head, n0, offs_m, q_valid, q_offset, num_keys, qk_scale, key_mask_row,
-            key_start_row, stride_k_n, stride_v_n, HEAD_DIM, FP32_DOT, True, HAS_KEY_MASK, HAS_KEY_START, BLOCK_N,
+        dq, ds = _dq_tile(
+            dq, ds, q, do, lse2, delta, k_head, v_head, n0, lo, offs_m, q_valid, q_offset, num_keys, qk_scale,
+            key_mask_row, key_start_row, stride_k_n, stride_v_n,
+            HEAD_DIM, FP32_DOT, True, HAS_KEY_MASK, HAS_KEY_START, DEFER_DOT, BLOCK_N,
         )  # fmt: skip
+    if DEFER_DOT:  # the last block's ds @ k (ds is zeros if there was no block)
+        last = lo + (tl.cdiv(hi - lo, BLOCK_N) - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_last = _keys_t(k_head, last, (last >= lo) & (last < num_keys), stride_k_n, HEAD_DIM)
+        dq = dot(ds.to(k_last.dtype), tl.trans(k_last), dq, FP32_DOT)
     dq *= scale
     out = (b * n_heads + h) * num_queries * HEAD_DIM + rows * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
 
 
 _DKDV = _tuners("dkdv", _attention_bwd_dkdv_kernel, key=[*_KEY, "DK", "DV"])
-_DQ = _tuners("dq", _attention_bwd_dq_kernel, key=_KEY)
+_DQ = _tuners("dq", _attention_bwd_dq_kernel, key=[*_KEY, "DEFER_DOT"])
 
 
 def _check(dout, q, k, v, out, lse, q_offset, key_mask, key_start):
@@ -555,6 +587,7 @@ def attention_bwd(
         group,
         *strides,
         **meta,
+        DEFER_DOT=defer_dot(q.device, cls),
     )
     return dq, dk, dv
 
@@ -578,10 +611,23 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
     return {n: types.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32") for n in names if n not in strides}
 
 
+def _launches(kernel: str, cls: str, head_dim: int) -> list[tuple[str, dict, tuple[int, ...]]]:
+    """(label, constexprs, archs) of each launch of `kernel` ("dkdv" or "dq") per config: a dK/dV launch of one
+    gradient is named for it (`dkdv_passes`); a 16-bit dQ defers its dot on sm_90 only (`defer_dot`)."""
+    if kernel == "dkdv":
+        names = {BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}
+        return [
+            (f"attention_bwd_dkdv{names[g]}", {"DK": g[0], "DV": g[1]}, (80, 90)) for g in dkdv_passes(cls, head_dim)
+        ]
+    if cls != "16bit":
+        return [("attention_bwd_dq", {"DEFER_DOT": False}, (80, 90))]
+    return [("attention_bwd_dq", {"DEFER_DOT": False}, (80,)), ("attention_bwd_dq", {"DEFER_DOT": True}, (90,))]
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every launch: the delta kernel per dtype and head dim; dK/dV and dQ per GEMM class, dtype of the class, head
-    dim 64 and 128, mask variant (causal only; padding and packing), dK/dV launch (`dkdv_passes`) and config of
-    `tile_configs` at the head dim."""
+    dim 64 and 128, mask variant (causal only; padding and packing), launch (`_launches`) and config of `tile_configs`
+    at the head dim."""
     specs = []
     for dtype in TRITON_DTYPES.values():
         for head_dim in (64, 128):
@@ -604,20 +650,19 @@ def compile_specs() -> list[CompileSpec]:
                     strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
                     meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
                     meta["HAS_KEY_START"] = masks
-                    # A dK/dV launch of one gradient is named for it.
-                    passes = dkdv_passes(cls, head_dim) if kernel is _attention_bwd_dkdv_kernel else (None,)
-                    for grads in passes:
-                        label = f"attention_bwd_{name}" + {None: "", BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}[grads]
-                        pass_meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
+                    for label, launch_meta, archs in _launches(name, cls, head_dim):
                         specs.append(
                             CompileSpec(
-                                name=f"{label} {dtype} {cls} D={head_dim} masks={masks} {describe(cfg)}",
+                                name=f"{label} {dtype} {cls} D={head_dim} masks={masks}"
+                                + (" DEFER_DOT=True" if launch_meta.get("DEFER_DOT") else "")
+                                + f" {describe(cfg)}",
                                 kernel=kernel,
                                 signature=_signature(kernel, dtype, strides),
-                                constexprs={**strides, **meta, **pass_meta, **cfg.kwargs},
+                                constexprs={**strides, **meta, **launch_meta, **cfg.kwargs},
                                 num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages,
                                 matrix=cls != "fp32_dot",
+                                archs=archs,
                             )
                         )
     return specs

@@ -19,23 +19,24 @@ the result does not depend on their order.
 Bound: the tensor cores at long sequences (4 * Nq * Nk * D FLOPs per head, halved when causal, against
 (Nq + 2 * Nk) * D elements read), with one exp2 per score on the SFU beside every 2 * D multiply-adds; memory only
 for short sequences. What the sm_90 main loop makes of it (16 bits; python -m dbrx_fast.inspect): K and V come
-through a three-stage cp.async ring (loads overlapped), q @ k.T and p @ v are one wgmma group each, and p @ v stays
-in flight across the back edge, but the scores are waited for with `wgmma.wait_group 0`, which also retires that
-p @ v (groups retire in order), and the CTA-wide barriers of the cp.async ring (`bar.sync 0`, one right after that
-wait) keep both warpgroups in step: at one block per SM the softmax overlaps hardly any MMA (the "drain" of the
-compile tables). Triton 3.6 to 3.9 cannot do better from `tl`: their WGMMA pipeliner keeps a dot in flight only when
-its result feeds nothing but the next wgmma's accumulator, and waits for any other dot with 0 right after it. Issuing
-the next tile's q @ k.T before this tile's softmax (FlashAttention-3's intra-warpgroup pipelining) compiles to the
-same wait 0 at 254 registers instead of 185 (D=128); `tl.range(warp_specialize=True)` is ignored at 8 warps, fails to
-compile with pointer loads at 4, and with TMA loads gives consumer loops that wait 0 after both dots. Keeping the MMA
-in flight takes explicit waits (Gluon's `warpgroup_mma_wait(1)`), which `tl` does not offer.
+through a three-stage cp.async ring or TMA (loads overlapped). The softmax needs each tile's q @ k.T, which Triton
+3.6 to 3.9 wait for with `wgmma.wait_group 0` (their WGMMA pipeliner keeps a dot in flight only when nothing but the
+next wgmma's accumulator reads it), and that wait retires every wgmma issued before it. So on sm_90 each tile's
+p @ v is deferred (DEFER_DOT, `defer_dot`): the next iteration issues it right after its own wait for q @ k.T, and it
+runs on the tensor cores while that tile's exp2 run on the SFU, until the wait after the next q @ k.T (the compile
+tables' "drain+sfu||mma"). The product is the same, in the same order, bit for bit. The value tile loads again in the
+deferring iteration (Triton keeps a dot in flight only if its shared-memory operands come from the loop's pipelined
+buffers); the p carried over costs registers (D = 128: 250 on the pointer path, 191 with TMA, Triton 3.9). What stays
+serial is q @ k.T against the softmax that reads it: FlashAttention-3 overlaps that too, with two warpgroups taking
+turns (ping-pong), which needs explicit waits and barriers (Gluon) that `tl` does not offer. sm_80 (mma.sync is
+synchronous) keeps each tile's p @ v in its own iteration.
 
 TMA (16 bits on sm_90, kernels/moe_tiles.py `use_tma`; DBRX_FAST_TMA=0|1 overrides): Q, K and V tiles load through
 in-kernel descriptors of each (batch, head)'s [N, D] rows, whatever the strides (transformers' transposed views
-too), zero past N: no address arithmetic or masks in the loop, 20-30 fewer registers at head_dim 128 (128 x 64:
-185 -> 158 on Triton 3.9, 182 -> 138 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM (151 and
-138 registers, 115712 bytes), whose pointer version spills: two independent CTAs of one warpgroup each, so that one
-CTA's MMAs run during the other's softmax, which the lockstep above denies one CTA. The pointer path stays for
+too), zero past N: no address arithmetic or masks in the loop, 50-60 fewer registers at head_dim 128 (128 x 64,
+DEFER_DOT: 250 -> 191 on Triton 3.9, 230 -> 179 on 3.6). That fits the 64 x 64 tile on 4 warps in two blocks per SM
+(186 and 168 registers, 115712 bytes), whose pointer version spills: two independent CTAs of one warpgroup each, so
+that one CTA's MMAs can run during the other's q @ k.T wait and softmax. The pointer path stays for
 sm_80, fp32 and rows TMA cannot take (a start or stride not a multiple of 16 bytes).
 
 Limits: head_dim 16, 32, 64 or 128 (`HEAD_DIMS`); fp16, bf16 and fp32 (fp32 multiplies in full fp32 when torch's
@@ -56,6 +57,7 @@ from .moe_tiles import (
     autotuned_by_class,
     config,
     dot,
+    gemm_class,
     launch_gemm,
     load_tile,
     tile_descriptor,
@@ -65,9 +67,18 @@ HEAD_DIMS = (16, 32, 64, 128)
 LOG2_E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2_E); a constexpr, so kernels can read it too
 
 
+def defer_dot(device: torch.device, cls: str) -> bool:
+    """DEFER_DOT of an attention launch (this forward and the backward's dQ): each tile's last dot (p @ v, ds @ k)
+    runs in the next iteration, issued after that tile's score dots, so that on sm_90 the asynchronous wgmma runs
+    while the next tile's softmax does (Triton leaves such a dot in flight until the next score dot's wait). For the
+    16-bit class on sm_90 and newer, and under the interpreter, which runs what sm_90 runs. Not on sm_80, whose
+    mma.sync is synchronous and where the tile carried over spills at head_dim 128, nor for fp32 (it spills there)."""
+    return cls == "16bit" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 # Tiles that only the TMA path offers (`_prune_by_path`): 64 x 64 on 4 warps and 3 stages, two blocks per SM on sm_90
-# at head_dim 128 (151 registers on Triton 3.9, 138 on 3.6; see the module docstring); its pointer version spills 32
-# bytes (3.9).
+# at head_dim 128 (186 registers on Triton 3.9, 168 on 3.6, with DEFER_DOT; see the module docstring); its pointer
+# version spills 32 bytes (3.9, before DEFER_DOT).
 _TMA_ONLY = (config(4, 3, BLOCK_M=64, BLOCK_N=64),)
 
 
@@ -78,9 +89,10 @@ def _configs() -> dict[str, list]:
     64. Measured with ptxas (python -m dbrx_fast.inspect): 128 x 128 tiles spill at head_dim 128 (8 warps: sm_80 and
     sm_90), as do 128 x 64 tiles on 4 warps and 64 x 64 tiles on 4 warps (sm_90, Triton 3.9); two stages wait for
     every load in the loop. A second block per SM at head_dim 128 (another CTA's MMAs during this one's softmax)
-    fits no tile on both releases (sm_90, pointer loads): 128 x 64 on 8 warps takes 182-200 registers (two blocks
-    need <= 128; maxnreg=128 spills), 64 x 64 on 4 warps and 3 stages 246 on Triton 3.6 but 255 and 32 bytes of
-    spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136 registers on 3.9). The TMA path fits 64 x 64 on 4
+    fits no tile on both releases (sm_90, pointer loads): 128 x 64 on 8 warps takes 182-200 registers before
+    DEFER_DOT and 205-250 with it (two blocks need <= 128; maxnreg=128 spills), 64 x 64 on 4 warps and 3 stages
+    246 on Triton 3.6 but 255 and 32 bytes of spills on 3.9, 128 x 32 has n32 wgmma for q @ k.T (and 136
+    registers on 3.9), all before DEFER_DOT. The TMA path fits 64 x 64 on 4
     warps and 3 stages (`_TMA_ONLY`); the pinned tile stays first, the one the interpreter and an untuned GPU run,
     and a GPU's autotuner weighs the two. tf32 tiles take twice the shared memory of 16-bit ones. fp32_dot
     multiplies on the CUDA cores with its operands in registers: small tiles, two stages (one stage, and 32 x 32
@@ -102,10 +114,25 @@ def _configs() -> dict[str, list]:
 
 
 @triton.jit
+def _deferred_pv(acc, p, alpha, v_src, v_head_ptr, v_offs, stride_v_n, n0, first, num_keys, FP32_DOT: tl.constexpr,
+                 USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """acc * alpha + p @ v for p and alpha of the key tile n0, one iteration late (DEFER_DOT). The value tile loads
+    anew (an L2 hit), not carried over from its iteration: Triton leaves a dot in flight only if its shared-memory
+    operands come from the loop's pipelined buffers. Before the first tile (n0 = first - BLOCK_N, p zeros) it
+    reads zeros, as it does past num_keys."""
+    offs_v = n0 + tl.arange(0, BLOCK_N)
+    v_ptrs = v_head_ptr + tl.cast(n0, tl.int64) * stride_v_n + v_offs
+    v = load_tile(v_src, (n0, 0), v_ptrs, ((offs_v >= first) & (offs_v < num_keys))[:, None], USE_TMA)
+    return dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     m_i,
     l_i,
+    p_prev,
+    alpha_prev,
     q,
     k_src,
     v_src,
@@ -113,6 +140,7 @@ def _attend_tiles(
     v_head_ptr,
     stride_k_n,
     stride_v_n,
+    first,
     start,
     end,
     offs_q,
@@ -127,6 +155,7 @@ def _attend_tiles(
     HAS_KEY_START: tl.constexpr,
     FP32_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DEFER_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -135,7 +164,9 @@ def _attend_tiles(
     Unmasked tiles must lie inside [0, num_keys) and be seen whole by every query of the block. m_i is in base 2
     (scores times qk_scale = scale * log2(e)); a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0.
     K and V tiles come from k_src and v_src, descriptors of this head's [num_keys, HEAD_DIM] rows when USE_TMA (zero
-    past num_keys: no mask), else from pointers off k_head_ptr and v_head_ptr."""
+    past num_keys: no mask), else from pointers off k_head_ptr and v_head_ptr. DEFER_DOT: a tile's p @ v runs in
+    the next iteration (p_prev and alpha_prev carry it there, zeros and ones before the first tile, at `first`), and
+    the caller runs the last one."""
     # Tile offsets stay loop-invariant and the tile's first row moves as a scalar: a loop-carried tensor of 64-bit
     # pointers would hold two registers per element (it spilled on sm_80).
     offs_d = tl.arange(0, HEAD_DIM)
@@ -147,11 +178,16 @@ def _attend_tiles(
         v_ptrs = v_head_ptr + tl.cast(n0, tl.int64) * stride_v_n + v_offs
         if MASKED or USE_TMA:
             k = load_tile(k_src, (n0, 0), k_ptrs, (offs_k < num_keys)[:, None], USE_TMA)
-            v = load_tile(v_src, (n0, 0), v_ptrs, (offs_k < num_keys)[:, None], USE_TMA)
+            if not DEFER_DOT:
+                v = load_tile(v_src, (n0, 0), v_ptrs, (offs_k < num_keys)[:, None], USE_TMA)
         else:
             k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            if not DEFER_DOT:
+                v = tl.load(v_ptrs)
         qk = dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), FP32_DOT)
+        if DEFER_DOT:  # the previous tile's p @ v, issued after the wait for qk: it runs during this tile's softmax
+            acc = _deferred_pv(acc, p_prev, alpha_prev, v_src, v_head_ptr, v_offs, stride_v_n, n0 - BLOCK_N, first,
+                               num_keys, FP32_DOT, USE_TMA, BLOCK_N)  # fmt: skip
         if MASKED:
             allowed = keys_allowed(
                 offs_q, q_valid, offs_k, q_offset, num_keys, key_mask_row, key_start_row, HAS_KEY_MASK, HAS_KEY_START
@@ -164,9 +200,12 @@ def _attend_tiles(
         p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
-    return acc, m_i, l_i
+        if DEFER_DOT:
+            p_prev, alpha_prev = p, alpha
+        else:
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+    return acc, m_i, l_i, p_prev, alpha_prev
 
 
 # Lengths change every call: not specialized (on 1 or on divisibility by 16), so a new length reuses the compiled
@@ -213,6 +252,7 @@ def _attention_fwd_kernel(
     HAS_KEY_START: tl.constexpr,
     FP32_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DEFER_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -242,6 +282,8 @@ def _attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    alpha = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     lo, hi = key_range(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
     lo = (lo // BLOCK_N) * BLOCK_N
     # Two runs of tiles: unmasked (every query sees them whole), then masked (the causal diagonal and the ragged end).
@@ -251,17 +293,22 @@ def _attention_fwd_kernel(
     if not (HAS_KEY_MASK or HAS_KEY_START):
         _, all_hi = keys_all_see(offs_q, q_valid, q_offset, num_keys, key_start_row, HAS_KEY_START)
         mid_hi = tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, lo)
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, offs_q, q_valid,
-            q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
-            False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, HEAD_DIM, BLOCK_N,
+        acc, m_i, l_i, p, alpha = _attend_tiles(
+            acc, m_i, l_i, p, alpha, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, lo, mid_hi,
+            offs_q, q_valid, q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
+            False, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, DEFER_DOT, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, mid_hi, hi, offs_q, q_valid,
-        q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
-        True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, HEAD_DIM, BLOCK_N,
+    acc, m_i, l_i, p, alpha = _attend_tiles(
+        acc, m_i, l_i, p, alpha, q, k_src, v_src, k_head_ptr, v_head_ptr, stride_k_n, stride_v_n, lo, mid_hi, hi,
+        offs_q, q_valid, q_offset, num_keys, key_mask_row, key_start_row, qk_scale,
+        True, HAS_KEY_MASK, HAS_KEY_START, FP32_DOT, USE_TMA, DEFER_DOT, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
 
+    if DEFER_DOT:  # the last tile's p @ v (p is zeros if there was no tile)
+        last = lo + (tl.cdiv(hi - lo, BLOCK_N) - 1) * BLOCK_N
+        v_offs = tl.arange(0, BLOCK_N)[:, None] * stride_v_n + offs_d[None, :]
+        acc = _deferred_pv(acc, p, alpha, v_src, v_head_ptr, v_offs, stride_v_n, last, lo, num_keys, FP32_DOT, USE_TMA,
+                           BLOCK_N)  # fmt: skip
     seen = l_i > 0.0
     out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]  # acc is 0 where no key was seen
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -285,7 +332,7 @@ def _prune_by_path(configs, named_args, **kwargs):
 _ATTENTION_FWD = autotuned_by_class(
     _attention_fwd_kernel,
     _configs(),
-    ["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT", "USE_TMA"],
+    ["q_bucket", "k_bucket", "HEAD_DIM", "HAS_KEY_MASK", "HAS_KEY_START", "FP32_DOT", "USE_TMA", "DEFER_DOT"],
     prune_configs_by={"early_config_prune": _prune_by_path},
 )
 
@@ -387,6 +434,7 @@ def attention_fwd(
         HEAD_DIM=head_dim,
         HAS_KEY_MASK=key_mask is not None,
         HAS_KEY_START=key_start is not None,
+        DEFER_DOT=defer_dot(q.device, gemm_class(q.dtype)[0]),
         tma_operands=(q, k, v),
     )
     return out, lse
@@ -400,7 +448,9 @@ SPEC_HEADS, SPEC_KV_HEADS, SPEC_LENGTH = 48, 8, 4096
 _MASK_VARIANTS = ({"HAS_KEY_MASK": True}, {"HAS_KEY_START": True}, {"HAS_KEY_MASK": True, "HAS_KEY_START": True})
 
 
-def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, variant: dict) -> CompileSpec:
+def _spec(
+    label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, variant: dict, archs: tuple[int, ...]
+) -> CompileSpec:
     ints = "num_queries num_keys q_bucket k_bucket stride_key_mask_b stride_key_start_b".split()
     signature = {
         **{f"{t}_ptr": f"*{dtype}" for t in ("q", "k", "v", "out")},
@@ -424,6 +474,7 @@ def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, v
         "HAS_KEY_START": False,
         "FP32_DOT": cls == "fp32_dot",
         "USE_TMA": False,
+        "DEFER_DOT": False,
         **variant,
         **cfg.kwargs,
     }
@@ -436,24 +487,32 @@ def _spec(label: str, dtype: str, head_dim: int, cls: str, cfg: triton.Config, v
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         matrix=cls != "fp32_dot",
-        archs=(90,) if variant.get("USE_TMA") else (80, 90),  # the launcher takes TMA on sm_90 only
+        archs=archs,
     )
+
+
+def _paths(cls: str) -> list[tuple[dict, tuple[int, ...]]]:
+    """(constexprs, archs) of each path a launch of GEMM class `cls` takes: for 16 bits, pointers on sm_80, and
+    on sm_90 the deferred p @ v (`defer_dot`) with pointers or TMA (`use_tma`)."""
+    if cls != "16bit":
+        return [({}, (80, 90))]
+    return [({}, (80,)), ({"DEFER_DOT": True}, (90,)), ({"USE_TMA": True, "DEFER_DOT": True}, (90,))]
 
 
 def compile_specs() -> list[CompileSpec]:
     """Every (GEMM class, dtype, head_dim 64 and 128, autotune config) of the causal launch at DBRX's shapes on each
-    path a launch of the class takes (16 bits: pointers and TMA, the latter sm_90 only), and with padding, packing
+    path a launch of the class takes (`_paths`), and with padding, packing
     and both at head_dim 128: the pinned config of each class (bf16 for 16 bits), every config of the TMA path."""
     specs = []
     for cls in _ATTENTION_FWD:
-        for tma in (False, True) if cls == "16bit" else (False,):
-            path = {"USE_TMA": True} if tma else {}
+        for path, archs in _paths(cls):
+            tma = path.get("USE_TMA", False)
             configs = offered(cls, tma)
             for dtype in GEMM_CLASS_DTYPES[cls]:
                 for head_dim in (64, 128):
-                    specs += [_spec("attention_fwd", dtype, head_dim, cls, cfg, path) for cfg in configs]
+                    specs += [_spec("attention_fwd", dtype, head_dim, cls, cfg, path, archs) for cfg in configs]
             # The mask modes change the tile loops, not the dtype's code path: one dtype per class is checked in each.
             dtype = GEMM_CLASS_DTYPES[cls][0]
             for cfg in configs if tma else configs[:1]:
-                specs += [_spec("attention_fwd", dtype, 128, cls, cfg, path | v) for v in _MASK_VARIANTS]
+                specs += [_spec("attention_fwd", dtype, 128, cls, cfg, path | v, archs) for v in _MASK_VARIANTS]
     return specs

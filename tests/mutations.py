@@ -26,6 +26,7 @@ MOE_FWD = ("tests/test_moe_experts.py",)
 MOE_BWD = ("tests/test_moe_experts_backward.py",)
 QKV = ("tests/test_qkv_rope.py",)
 ATTENTION_FWD = ("tests/test_attention.py",)
+ATTENTION_BWD = ("tests/test_attention_backward.py",)
 
 
 @dataclass
@@ -271,11 +272,54 @@ MUTATIONS = [
         ATTENTION_FWD,
     ),
     Mutation(
-        "attention_fwd: no rescale of the accumulator",
+        "attention_fwd: no rescale of the accumulator (deferred p @ v)",
         "attention_fwd.py",
-        "acc * alpha[:, None]",
-        "acc",
+        "return dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)",
+        "return dot(p.to(v.dtype), v, acc, FP32_DOT)",
         ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: no rescale of the accumulator (sm_80's order)",
+        "attention_fwd.py",
+        "acc = dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)",
+        "acc = dot(p.to(v.dtype), v, acc, FP32_DOT)",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: the deferred p @ v reads its own iteration's value tile",
+        "attention_fwd.py",
+        "v_offs, stride_v_n, n0 - BLOCK_N, first,",
+        "v_offs, stride_v_n, n0, first,",
+        ATTENTION_FWD,
+    ),
+    Mutation(
+        "attention_fwd: the last tile's deferred p @ v dropped",
+        "attention_fwd.py",
+        "    if DEFER_DOT:  # the last tile's p @ v",
+        "    if False:  # the last tile's p @ v",
+        ATTENTION_FWD,
+    ),
+    # Attention backward (dQ).
+    Mutation(
+        "attention_bwd: the deferred ds @ k reads this block's keys",
+        "attention_bwd.py",
+        "prev = offs_n - BLOCK_N",
+        "prev = offs_n",
+        ATTENTION_BWD,
+    ),
+    Mutation(
+        "attention_bwd: the last block's deferred ds @ k dropped",
+        "attention_bwd.py",
+        "    if DEFER_DOT:  # the last block's ds @ k",
+        "    if False:  # the last block's ds @ k",
+        ATTENTION_BWD,
+    ),
+    Mutation(
+        "attention_bwd: dQ's ds without delta",
+        "attention_bwd.py",
+        "ds = p * (dp - delta[:, None])",
+        "ds = p * dp",
+        ATTENTION_BWD,
     ),
     Mutation(
         "attention_fwd: lse in base 2",

@@ -248,16 +248,20 @@ def test_sizes_are_not_specialized_and_keys_hold_every_code_changing_argument():
 
 
 def test_compile_specs_cover_every_config_and_dtype_on_each_path():
+    """16 bits: pointers without DEFER_DOT on sm_80, pointers and TMA with it on sm_90 (`defer_dot`); fp32 one
+    path on both."""
     specs = fwd_module.compile_specs()
     found = {(s.signature["q_ptr"], s.constexprs["HEAD_DIM"], s.constexprs["FP32_DOT"], s.constexprs["USE_TMA"],
-              s.archs, s.num_warps, s.num_stages, s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"])
+              s.constexprs["DEFER_DOT"], s.archs, s.num_warps, s.num_stages, s.constexprs["BLOCK_M"],
+              s.constexprs["BLOCK_N"])
              for s in specs}  # fmt: skip
+    paths = {"16bit": ((False, False, (80,)), (False, True, (90,)), (True, True, (90,)))}
     for cls in fwd_module._ATTENTION_FWD:
-        for tma, archs in ((False, (80, 90)), (True, (90,)))[: 2 if cls == "16bit" else 1]:
+        for tma, defer, archs in paths.get(cls, ((False, False, (80, 90)),)):
             for dtype in {"16bit": ("*bf16", "*fp16")}.get(cls, ("*fp32",)):
                 for head_dim in (64, 128):
                     for cfg in fwd_module.offered(cls, tma):
-                        want = (dtype, head_dim, cls == "fp32_dot", tma, archs, cfg.num_warps, cfg.num_stages,
+                        want = (dtype, head_dim, cls == "fp32_dot", tma, defer, archs, cfg.num_warps, cfg.num_stages,
                                 *cfg.kwargs.values())  # fmt: skip
                         assert want in found, f"{cls}: no compile spec for {want}"
 
@@ -328,6 +332,24 @@ def test_tma_path_matches_pointer_path(device, monkeypatch, batch, heads, kv_hea
     assert torch.equal(out, out_ptr) and torch.equal(lse, lse_ptr)
 
 
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "nq", "nk", "head_dim", "kind", "strided", "dtype"),
+    [*TMA_CASES, pytest.param(2, 6, 1, 1, 160, 128, "left", False, FP16, id="decode-ratio6-left-D128-fp16")],
+)
+def test_sm80_order_gives_the_deferred_result_bitwise(device, monkeypatch, batch, heads, kv_heads, nq, nk, head_dim,
+                                                      kind, strided, dtype):  # fmt: skip
+    """The 16-bit class runs each tile's p @ v one iteration late on sm_90 and here (DEFER_DOT), in its own
+    iteration on sm_80: the same products in the same order, so the same bits, and both within round-off."""
+    mask = make_mask(kind, batch, nq, nk, device)
+    q, k, v = make_qkv(batch, heads, kv_heads, nq, nk, head_dim, dtype, device, strided)
+    assert fwd_module.defer_dot(q.device, "16bit") and not fwd_module.defer_dot(q.device, "tf32")
+    deferred = attention_fwd(q, k, v, mask.q_offset, mask.key_mask, mask.key_start, head_dim**-0.5)
+    monkeypatch.setattr(fwd_module, "defer_dot", lambda device, cls: False)
+    in_order = attention_fwd(q, k, v, mask.q_offset, mask.key_mask, mask.key_start, head_dim**-0.5)
+    check_against_reference(q, k, v, mask, head_dim**-0.5, *in_order, sdpa(q, k, v, mask, head_dim**-0.5))
+    assert all(torch.equal(a, b) for a, b in zip(deferred, in_order, strict=True))
+
+
 @pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointer"])
 def test_no_tile_reads_past_its_heads_keys(device, monkeypatch, tma):
     """K and V are views into NaN: rows past Nk of every (batch, KV head), a KV head and a batch row beyond the last.
@@ -361,7 +383,7 @@ def test_fp32_and_unaligned_rows_keep_the_pointer_path(device, monkeypatch):
 def tma_d128_records():
     from dbrx_fast.inspect import inspect_specs
 
-    records = inspect_specs((90,), name_filter="16bit D=128 USE_TMA=True BLOCK_M=")
+    records = inspect_specs((90,), name_filter="16bit D=128 USE_TMA=True DEFER_DOT=True BLOCK_M=")
     return [r for r in records if r.name.startswith("attention_fwd ")]
 
 
@@ -384,11 +406,12 @@ _PERF_CHECKS = {
     "wgmma_n64": lambda r: r.wgmma and min(r.wgmma_n) >= 64,
     "loads_overlapped": lambda r: r.loop_waits_all is False,
     "mma_in_flight": lambda r: r.loop_drains_mma is False,
+    "softmax_under_mma": lambda r: r.loop_sfu_under_mma is True,
 }
 _PERF_KNOWN = {
     "mma_in_flight": "the softmax reads each tile's Q @ K^T, and Triton 3.6-3.9's WGMMA pipeliner waits for a wgmma "
-    "whose result feeds anything but another wgmma's accumulator with wait_group 0, which retires the P @ V in flight "
-    "too; neither pipelining the loop in the source nor warp specialization avoids it (kernels/attention_fwd.py)",
+    "whose result feeds anything but another wgmma's accumulator with wait_group 0; the deferred P @ V of the tile "
+    "before, issued after that wait, runs under the softmax instead (softmax_under_mma, kernels/attention_fwd.py)",
 }
 
 
@@ -397,7 +420,7 @@ def large_config_records():
     from dbrx_fast.inspect import inspect_specs
 
     cfg = fwd_module._ATTENTION_FWD["16bit"].all_configs[0]
-    name = f"16bit D=128 {fwd_module.describe(cfg)}"
+    name = f"16bit D=128 DEFER_DOT=True {fwd_module.describe(cfg)}"
     return [r for r in inspect_specs((90,), name_filter=name) if r.name.startswith("attention_fwd ")]
 
 

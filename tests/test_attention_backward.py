@@ -181,6 +181,19 @@ def test_deterministic(device, case):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype != FP32], ids=lambda c: c.name)
+def test_sm80_order_gives_the_deferred_dq_bitwise(device, monkeypatch, case):
+    """The 16-bit dQ issues each key block's ds @ k one step late on sm_90 and here (DEFER_DOT), in its own step on
+    sm_80: the same products in the same order, so the same bits."""
+    p = make_problem(case, device)
+    assert bwd_module.defer_dot(p.q.device, "16bit")
+    deferred = run_kernel(p)
+    monkeypatch.setattr(bwd_module, "defer_dot", lambda device, cls: False)
+    in_order = run_kernel(p)
+    for name, a, b in zip(("dq", "dk", "dv"), deferred, in_order, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_empty(device):
     p = make_problem(Case("empty", FP16, 1, 2, 1, 0, 5), device)
     dq, dk, dv = run_kernel(p)
