@@ -44,6 +44,7 @@ from dbrx_fast.inspect import (
     ptxas_path,
     read_ptx_performance,
     select_specs,
+    sfu_under_mma,
 )
 from dbrx_fast.kernels import attention_bwd
 from dbrx_fast.kernels.compile_spec import CompileSpec
@@ -636,7 +637,12 @@ $L__BB0_9:
     ((first, last),) = main_loop_bodies(lines)
     assert lines[first] == "$L__BB0_3:" and lines[last].split() == ["bra", "$L__BB0_3;"]
     assert read_ptx_performance(ptx) == dict(
-        wgmma_n=[256], loop_waits_all=False, loop_drains_mma=False, loop_sfu_per_mma=0.0, loop_tma=0
+        wgmma_n=[256],
+        loop_waits_all=False,
+        loop_drains_mma=False,
+        loop_sfu_under_mma=None,
+        loop_sfu_per_mma=0.0,
+        loop_tma=0,
     )
     sfu = "ex2.approx.ftz.f32 %r3, %r4;\n\tdiv.full.f32 %r3, %r3, %r4;\n\trcp.rn.f32 %r3, %r3;"
     inner_sfu = read_ptx_performance(ptx.replace("wgmma.wait_group.sync.aligned 1;", sfu))
@@ -644,7 +650,32 @@ $L__BB0_9:
     assert read_ptx_performance(ptx.replace("aligned 1;", "aligned 0;"))["loop_drains_mma"]
     # Without the inner loop the outer one is main: its wait-all, its drain, its ex2 (div.s32 is no SFU work).
     outer = read_ptx_performance(ptx.replace("@!%p3 bra \t$L__BB0_3;", ""))
-    assert outer == dict(wgmma_n=[256], loop_waits_all=True, loop_drains_mma=True, loop_sfu_per_mma=1.0, loop_tma=0)
+    assert outer == dict(
+        wgmma_n=[256],
+        loop_waits_all=True,
+        loop_drains_mma=True,
+        loop_sfu_under_mma=None,  # no commit_group: no wgmma group read as in flight
+        loop_sfu_per_mma=1.0,
+        loop_tma=0,
+    )
+
+
+def test_sfu_under_mma():
+    mma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r2}, %rd1, %rd2, 1, 1, 1, 0, 1;"
+    commit, ex2 = "wgmma.commit_group.sync.aligned;", "ex2.approx.ftz.f32 %r1, %r2;"
+    wait0, wait1 = "wgmma.wait_group.sync.aligned 0;", "wgmma.wait_group.sync.aligned 1;"
+    # Attention with p @ v deferred: the scores waited for, then p @ v issued, then the softmax.
+    assert sfu_under_mma([mma, commit, wait0, mma, commit, ex2, ex2]) is True
+    # In order: the softmax between the scores' wait and p @ v.
+    assert sfu_under_mma([mma, commit, wait0, ex2, ex2, mma, commit]) is False
+    assert sfu_under_mma([mma, commit, wait0, ex2, mma, commit, ex2]) is False  # every exp must be covered
+    # Across the back edge: a group left in flight at the end covers the next iteration's first exp; a wait 0 not.
+    assert sfu_under_mma([ex2, mma, commit, wait1]) is True
+    assert sfu_under_mma([ex2, mma, commit, wait0]) is False
+    assert sfu_under_mma([mma, commit, wait0]) is None  # no SFU work
+    assert (
+        sfu_under_mma([ex2, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%r1}, {%r2}, {%r3}, {%r4};"]) is None
+    )
 
 
 def test_blocks_per_sm():
