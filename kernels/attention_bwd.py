@@ -14,11 +14,15 @@ across programs and no float atomic is needed:
      so dK and dV are summed over the group in registers. fp32 at head_dim 128 makes this launch twice, one
      gradient each (constexprs DK, DV; `dkdv_passes`): two [BLOCK_N, 128] fp32 accumulators beside fp32 K and V
      tiles exceed 255 registers on sm_90 and spill. The dV launch skips the dP and dS dots: 5 dots a tile, not 4.
+     For 16 bits on sm_90, unpacked (no key_start), the dV and dK dots are deferred (DEFER_DOT, see 3.) in one
+     loop over (query head, query block), so that the deferral runs across the heads too. Packed launches keep
+     their order: their skip of the blocks that packing hides would have to flush the deferred dots.
   3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
         dq += ds @ k
      For 16 bits on sm_90 that dot is deferred (DEFER_DOT, attention_fwd.defer_dot): the next step issues it after
      its own score dots, so that it runs on the tensor cores during that step's exp2 and ds (the compile tables'
-     "drain+sfu||mma"), the same products in the same order, bit for bit. The key tile loads again there.
+     "drain+sfu||mma"), the same products in the same order, bit for bit. Its operand tile (k; q and dout in dK/dV)
+     loads again there.
 Products are fp32; operands enter the dots in their storage dtype (p and ds rounded to it), fp32 as IEEE or TF32
 as kernels/moe_tiles.gemm_class decides. Masks come from kernels/attention_mask.keys_allowed. The dQ kernel masks
 only the tiles the causal diagonal, padding or packing cut (a loop of its own); the dK/dV kernel runs one loop whose
@@ -29,7 +33,7 @@ whatever the queries. Rows whose lse is -inf (no allowed key) get zero gradients
 Bound: like the forward, by the tensor cores (five dots per tile, two of them chained through the exp), so the
 sm_90 main loops must run on wgmma; they do, with their loads pipelined, but each tile's dots depend on each
 other's results, so the loop drains the MMA pipeline once per tile (tests/test_compile_gpu_targets.py records it);
-in dQ the deferred dot overlaps the softmax (see 3.), in dK/dV not yet.
+the deferred dots (2., 3.) overlap the softmax instead.
 That drain costs less the more work a tile holds, so the 16-bit tiles are the largest that compile without spills
 on sm_80 and sm_90 with Triton 3.6 and 3.9, chosen per head dim (`tile_configs`): dK/dV 32 queries x 128 keys at
 D <= 64; at D = 128 16 x 64 on 3 stages (pipelined) and 32 x 64 on 2 (twice the work, its loads waited for every
@@ -227,6 +231,32 @@ def _dkdv_tile(
     return dk, dv
 
 
+@triton.jit
+def _q_dout_tile(q_head, dout_head, offs_m, valid, stride_q_m, stride_dout_m, HEAD_DIM: tl.constexpr):
+    """q transposed to [HEAD_DIM, len(offs_m)] and dout [len(offs_m), HEAD_DIM] of the queries offs_m of one head;
+    zeros where not valid."""
+    rows = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=valid[None, :], other=0.0)
+    do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return q_t, do
+
+
+@triton.jit
+def _deferred_dkdv_dots(dk, dv, p_t, ds_t, q_head, dout_head, m0, lo, num_queries, stride_q_m, stride_dout_m,
+                        HEAD_DIM: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """dv + p_t @ dout and dk + ds_t @ q for the queries m0..m0+BLOCK_M of one head, one step late (DEFER_DOT).
+    Their q and dout load again (from L2), not carried over: Triton leaves a dot in flight only if its shared-memory
+    operands come from the loop's pipelined buffers. Rows before lo (before the first step: p_t, ds_t zeros) read
+    zeros."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_t, do = _q_dout_tile(q_head, dout_head, offs_m, (offs_m >= lo) & (offs_m < num_queries), stride_q_m,
+                           stride_dout_m, HEAD_DIM)  # fmt: skip
+    dv = dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+    dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["num_queries", "num_keys"])
 def _attention_bwd_dkdv_kernel(
     q_ptr,
@@ -269,6 +299,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     DK: tl.constexpr,
     DV: tl.constexpr,
+    DEFER_DOT: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -291,18 +322,49 @@ def _attention_bwd_dkdv_kernel(
     qk_scale = scale * LOG2_E
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    for i in range(group):
-        h = hk * group + i
-        q_head = q_ptr + b * stride_q_b + h * stride_q_h
-        dout_head = dout_ptr + b * stride_dout_b + h * stride_dout_h
-        lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
-        delta_row = delta_ptr + (b * n_heads_kv * group + h) * num_queries
-        for m0 in range(lo, num_queries, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
-                num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m, m0 >= masked_end,
-                HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M, DK, DV,
-            )  # fmt: skip
+    if DEFER_DOT:
+        # One loop over (query head, query block), so that a block's dV and dK dots, issued one step late after the
+        # next block's score dots, run during its softmax, across the heads too: one drain at the end, not per head.
+        tl.static_assert(DK and DV and not HAS_KEY_START, "DEFER_DOT: both gradients, no packing")
+        blocks = tl.cdiv(tl.maximum(num_queries - lo, 0), BLOCK_M)
+        p_t = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        ds_t = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        q_prev, dout_prev, m_prev = q_ptr, dout_ptr, lo - BLOCK_M  # before the first step: nothing to add
+        for step in range(0, group * blocks):
+            h = hk * group + step // blocks
+            m0 = lo + (step % blocks) * BLOCK_M
+            q_head = q_ptr + b * stride_q_b + h * stride_q_h
+            dout_head = dout_ptr + b * stride_dout_b + h * stride_dout_h
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            q_valid = offs_m < num_queries
+            q_t, do = _q_dout_tile(q_head, dout_head, offs_m, q_valid, stride_q_m, stride_dout_m, HEAD_DIM)
+            lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
+            lse2, delta = _row_stats(lse_row, delta_ptr + (b * n_heads_kv * group + h) * num_queries, offs_m, q_valid)
+            s_t = dot(k, q_t, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), FP32_DOT)
+            dp_t = dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), FP32_DOT)
+            dk, dv = _deferred_dkdv_dots(dk, dv, p_t, ds_t, q_prev, dout_prev, m_prev, lo, num_queries, stride_q_m,
+                                         stride_dout_m, HEAD_DIM, FP32_DOT, BLOCK_M)  # fmt: skip
+            # As in _dkdv_tile: the padding mask is left to the end of the kernel.
+            allowed = keys_allowed(offs_m, q_valid, offs_n, q_offset, num_keys, None, key_start_row, False, False)
+            p_t = tl.where(tl.trans(allowed) | (m0 >= masked_end), tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            q_prev, dout_prev, m_prev = q_head, dout_head, m0
+        # The last step's dots.
+        dk, dv = _deferred_dkdv_dots(dk, dv, p_t, ds_t, q_prev, dout_prev, m_prev, lo, num_queries, stride_q_m,
+                                     stride_dout_m, HEAD_DIM, FP32_DOT, BLOCK_M)  # fmt: skip
+    else:
+        for i in range(group):
+            h = hk * group + i
+            q_head = q_ptr + b * stride_q_b + h * stride_q_h
+            dout_head = dout_ptr + b * stride_dout_b + h * stride_dout_h
+            lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
+            delta_row = delta_ptr + (b * n_heads_kv * group + h) * num_queries
+            for m0 in range(lo, num_queries, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_head, dout_head, lse_row, delta_row, key_start_row, m0, offs_n, q_offset,
+                    num_queries, num_keys, qk_scale, stride_q_m, stride_dout_m, m0 >= masked_end,
+                    HEAD_DIM, FP32_DOT, HAS_KEY_START, BLOCK_M, DK, DV,
+                )  # fmt: skip
     dk *= scale
     if HAS_KEY_MASK:
         keep = tl.load(key_mask_ptr + b * stride_key_mask_b + offs_n, mask=k_valid, other=0) != 0
@@ -476,7 +538,7 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + out, dq.to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
 
 
-_DKDV = _tuners("dkdv", _attention_bwd_dkdv_kernel, key=[*_KEY, "DK", "DV"])
+_DKDV = _tuners("dkdv", _attention_bwd_dkdv_kernel, key=[*_KEY, "DK", "DV", "DEFER_DOT"])
 _DQ = _tuners("dq", _attention_bwd_dq_kernel, key=[*_KEY, "DEFER_DOT"])
 
 
@@ -574,6 +636,7 @@ def attention_bwd(
             **meta,
             DK=do_dk,
             DV=do_dv,
+            DEFER_DOT=defer_dot(q.device, cls) and do_dk and do_dv and key_start is None,
         )
     launch(
         _DQ[cls],
@@ -611,17 +674,20 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
     return {n: types.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32") for n in names if n not in strides}
 
 
-def _launches(kernel: str, cls: str, head_dim: int) -> list[tuple[str, dict, tuple[int, ...]]]:
+def _launches(kernel: str, cls: str, head_dim: int, packed: bool) -> list[tuple[str, dict, tuple[int, ...]]]:
     """(label, constexprs, archs) of each launch of `kernel` ("dkdv" or "dq") per config: a dK/dV launch of one
-    gradient is named for it (`dkdv_passes`); a 16-bit dQ defers its dot on sm_90 only (`defer_dot`)."""
-    if kernel == "dkdv":
-        names = {BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}
-        return [
-            (f"attention_bwd_dkdv{names[g]}", {"DK": g[0], "DV": g[1]}, (80, 90)) for g in dkdv_passes(cls, head_dim)
-        ]
-    if cls != "16bit":
-        return [("attention_bwd_dq", {"DEFER_DOT": False}, (80, 90))]
-    return [("attention_bwd_dq", {"DEFER_DOT": False}, (80,)), ("attention_bwd_dq", {"DEFER_DOT": True}, (90,))]
+    gradient is named for it (`dkdv_passes`); 16 bits defer their dots on sm_90 only (`defer_dot`), dK/dV not when
+    packed."""
+    names = {BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}
+    launches = []
+    for grads in dkdv_passes(cls, head_dim) if kernel == "dkdv" else (None,):
+        label = f"attention_bwd_{kernel}" + names.get(grads, "")
+        meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
+        if cls == "16bit" and not (kernel == "dkdv" and packed):
+            launches += [(label, {**meta, "DEFER_DOT": False}, (80,)), (label, {**meta, "DEFER_DOT": True}, (90,))]
+        else:
+            launches.append((label, {**meta, "DEFER_DOT": False}, (80, 90)))
+    return launches
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -650,7 +716,7 @@ def compile_specs() -> list[CompileSpec]:
                     strides = {k: v for k, v in _spec_strides(head_dim).items() if k in params}
                     meta = {"HEAD_DIM": head_dim, "FP32_DOT": cls == "fp32_dot", "HAS_KEY_MASK": masks}
                     meta["HAS_KEY_START"] = masks
-                    for label, launch_meta, archs in _launches(name, cls, head_dim):
+                    for label, launch_meta, archs in _launches(name, cls, head_dim, packed=masks):
                         specs.append(
                             CompileSpec(
                                 name=f"{label} {dtype} {cls} D={head_dim} masks={masks}"

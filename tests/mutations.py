@@ -315,6 +315,20 @@ MUTATIONS = [
         ATTENTION_BWD,
     ),
     Mutation(
+        "attention_bwd: the deferred dV and dK dots read the next block's rows",
+        "attention_bwd.py",
+        "q_prev, dout_prev, m_prev = q_head, dout_head, m0\n",
+        "q_prev, dout_prev, m_prev = q_head, dout_head, m0 + BLOCK_M\n",
+        ATTENTION_BWD,
+    ),
+    Mutation(
+        "attention_bwd: the last deferred dV and dK dots dropped",
+        "attention_bwd.py",
+        "# The last step's dots.\n        dk, dv = _deferred_dkdv_dots(dk, dv, p_t, ds_t, q_prev, dout_prev, m_prev,",
+        "# The last step's dots.\n        dk, dv = _deferred_dkdv_dots(dk, dv, p_t, ds_t, q_prev, dout_prev, -BLOCK_M,",
+        ATTENTION_BWD,
+    ),
+    Mutation(
         "attention_bwd: dQ's ds without delta",
         "attention_bwd.py",
         "ds = p * (dp - delta[:, None])",

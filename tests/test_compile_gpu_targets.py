@@ -232,8 +232,8 @@ _ATTENTION_BWD_KNOWN = {
         "wait_group 0 (the deferred dQ dot, issued after that wait, runs under the softmax: sfu_under_mma)"
         for name in _ATTENTION_BWD_KERNELS
     },
-    ("attention_bwd_dkdv", "sfu_under_mma"): "issue 8: the dK/dV loop does not defer its dV and dK dots yet "
-    "(kernels/attention_bwd.py)",
+    ("attention_bwd_dkdv", "sfu_under_mma"): "issue 8: the packed dK/dV launch (key_start) does not defer its dV "
+    "and dK dots: its skip of the blocks packing hides would have to flush them (kernels/attention_bwd.py)",
 }
 
 
