@@ -14,9 +14,8 @@ across programs and no float atomic is needed:
      so dK and dV are summed over the group in registers. fp32 at head_dim 128 makes this launch twice, one
      gradient each (constexprs DK, DV; `dkdv_passes`): two [BLOCK_N, 128] fp32 accumulators beside fp32 K and V
      tiles exceed 255 registers on sm_90 and spill. The dV launch skips the dP and dS dots: 5 dots a tile, not 4.
-     For 16 bits on sm_90, unpacked (no key_start), the dV and dK dots are deferred (DEFER_DOT, see 3.) in one
-     loop over (query head, query block), so that the deferral runs across the heads too. Packed launches keep
-     their order: their skip of the blocks that packing hides would have to flush the deferred dots.
+     For 16 bits on sm_90 at head_dim 128, unpacked (`dkdv_defers`), the dV and dK dots are deferred (DEFER_DOT,
+     see 3.) in one loop over (query head, query block), so that the deferral runs across the heads too.
   3. dQ: one program per (query block, query head, batch), over the key blocks its queries can see:
         dq += ds @ k
      For 16 bits on sm_90 that dot is deferred (DEFER_DOT, attention_fwd.defer_dot): the next step issues it after
@@ -133,6 +132,13 @@ def dkdv_passes(cls: str, head_dim: int) -> tuple[tuple[bool, bool], ...]:
     accumulators beside fp32 K and V tiles spill on sm_90 (TF32 at every tile tried, fp32_dot under Triton 3.6):
     one launch per gradient there. fp32 at D = 64 keeps one launch, as its passes would spill on sm_80 (3.6)."""
     return (DV_ONLY, DK_ONLY) if cls != "16bit" and head_dim > 64 else (BOTH,)
+
+
+def dkdv_defers(cls: str, head_dim: int, packed: bool) -> bool:
+    """Whether a dK/dV launch defers its dots where `defer_dot` allows: 16 bits (both gradients in one launch),
+    unpacked (packing's skip of hidden blocks would have to flush them) and head_dim above 64 (the tile there runs
+    one stage: nothing is pipelined, so nothing would stay in flight)."""
+    return cls == "16bit" and not packed and head_dim > 64
 
 
 @triton.jit(do_not_specialize=["num_queries"])
@@ -636,7 +642,7 @@ def attention_bwd(
             **meta,
             DK=do_dk,
             DV=do_dv,
-            DEFER_DOT=defer_dot(q.device, cls) and do_dk and do_dv and key_start is None,
+            DEFER_DOT=defer_dot(q.device, cls) and dkdv_defers(cls, head_dim, packed=key_start is not None),
         )
     launch(
         _DQ[cls],
@@ -676,14 +682,14 @@ def _signature(kernel, dtype: str, strides: dict[str, int]) -> dict[str, str]:
 
 def _launches(kernel: str, cls: str, head_dim: int, packed: bool) -> list[tuple[str, dict, tuple[int, ...]]]:
     """(label, constexprs, archs) of each launch of `kernel` ("dkdv" or "dq") per config: a dK/dV launch of one
-    gradient is named for it (`dkdv_passes`); 16 bits defer their dots on sm_90 only (`defer_dot`), dK/dV not when
-    packed."""
+    gradient is named for it (`dkdv_passes`); 16 bits defer their dots on sm_90 only (`defer_dot`, and for dK/dV
+    `dkdv_defers`)."""
     names = {BOTH: "", DV_ONLY: " dv", DK_ONLY: " dk"}
     launches = []
     for grads in dkdv_passes(cls, head_dim) if kernel == "dkdv" else (None,):
         label = f"attention_bwd_{kernel}" + names.get(grads, "")
         meta = {} if grads is None else {"DK": grads[0], "DV": grads[1]}
-        if cls == "16bit" and not (kernel == "dkdv" and packed):
+        if cls == "16bit" and (kernel == "dq" or dkdv_defers(cls, head_dim, packed)):
             launches += [(label, {**meta, "DEFER_DOT": False}, (80,)), (label, {**meta, "DEFER_DOT": True}, (90,))]
         else:
             launches.append((label, {**meta, "DEFER_DOT": False}, (80, 90)))

@@ -233,7 +233,7 @@ _ATTENTION_BWD_KNOWN = {
         for name in _ATTENTION_BWD_KERNELS
     },
     ("attention_bwd_dkdv", "sfu_under_mma"): "issue 8: the packed dK/dV launch (key_start) does not defer its dV "
-    "and dK dots: its skip of the blocks packing hides would have to flush them (kernels/attention_bwd.py)",
+    "and dK dots: its skip of the blocks packing hides would have to flush them (attention_bwd.dkdv_defers)",
 }
 
 
