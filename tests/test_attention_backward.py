@@ -182,9 +182,10 @@ def test_deterministic(device, case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype != FP32], ids=lambda c: c.name)
-def test_sm80_order_gives_the_deferred_dq_bitwise(device, monkeypatch, case):
-    """The 16-bit dQ issues each key block's ds @ k one step late on sm_90 and here (DEFER_DOT), in its own step on
-    sm_80: the same products in the same order, so the same bits."""
+def test_sm80_order_gives_the_deferred_gradients_bitwise(device, monkeypatch, case):
+    """The 16-bit backward issues each block's last dots one step late on sm_90 and here (DEFER_DOT: dQ's ds @ k,
+    and dK/dV's at head_dim 128 unpacked), in their own step on sm_80: the same products in the same order, so the
+    same bits."""
     p = make_problem(case, device)
     assert bwd_module.defer_dot(p.q.device, "16bit")
     deferred = run_kernel(p)
