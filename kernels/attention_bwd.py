@@ -181,6 +181,17 @@ def _row_stats(lse_row, delta_row, offs_m, q_valid):
 
 
 @triton.jit
+def _q_dout_tile(q_head, dout_head, offs_m, valid, stride_q_m, stride_dout_m, HEAD_DIM: tl.constexpr):
+    """q transposed to [HEAD_DIM, len(offs_m)] and dout [len(offs_m), HEAD_DIM] of the queries offs_m of one head;
+    zeros where not valid."""
+    rows = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=valid[None, :], other=0.0)
+    do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return q_t, do
+
+
+@triton.jit
 def _dkdv_tile(
     dk,
     dv,
@@ -209,9 +220,7 @@ def _dkdv_tile(
 ):
     """dk (if DK), dv (if DV) plus the contribution of queries m0..m0+BLOCK_M of one query head to the keys offs_n."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     q_valid = offs_m < num_queries
-    rows = offs_m.to(tl.int64)
     visible = True
     if HAS_KEY_START and (FP32_DOT or (DK and DV)):
         # Packing: a block whose queries' sequences all start after these keys adds nothing, and with many short
@@ -220,8 +229,7 @@ def _dkdv_tile(
         starts = tl.load(key_start_row + offs_m, mask=q_valid, other=2**30)
         visible = tl.min(starts) <= tl.max(offs_n)
     if visible:
-        q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=q_valid[None, :], other=0.0)
-        do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=q_valid[:, None], other=0.0)
+        q_t, do = _q_dout_tile(q_head, dout_head, offs_m, q_valid, stride_q_m, stride_dout_m, HEAD_DIM)
         lse2, delta = _row_stats(lse_row, delta_row, offs_m, q_valid)
         s_t = dot(k, q_t, tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
@@ -235,17 +243,6 @@ def _dkdv_tile(
             ds_t = p_t * (dp_t - delta[None, :])
             dk = dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, FP32_DOT)
     return dk, dv
-
-
-@triton.jit
-def _q_dout_tile(q_head, dout_head, offs_m, valid, stride_q_m, stride_dout_m, HEAD_DIM: tl.constexpr):
-    """q transposed to [HEAD_DIM, len(offs_m)] and dout [len(offs_m), HEAD_DIM] of the queries offs_m of one head;
-    zeros where not valid."""
-    rows = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_t = tl.load(q_head + rows[None, :] * stride_q_m + offs_d[:, None], mask=valid[None, :], other=0.0)
-    do = tl.load(dout_head + rows[:, None] * stride_dout_m + offs_d[None, :], mask=valid[:, None], other=0.0)
-    return q_t, do
 
 
 @triton.jit
