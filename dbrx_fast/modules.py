@@ -110,7 +110,13 @@ class FastDbrxAttention(DbrxAttention):
 
                 layer = _static_layer(cache, self.layer_idx, qkv)
                 check_capturable(
-                    "qkv_rope", qkv, self.num_heads, self.num_key_value_heads, self.head_dim, self.clip_qkv is None
+                    "qkv_rope",
+                    qkv,
+                    self.num_heads,
+                    self.num_key_value_heads,
+                    self.head_dim,
+                    self.clip_qkv is None,
+                    layer is None,  # the kernel's cache-writing mode is a tuning key of its own
                 )
                 if layer is None:
                     q, k, v = qkv_rope(qkv, cos, sin, self.clip_qkv, self.num_heads, self.num_key_value_heads)

@@ -67,6 +67,44 @@ def test_capture_before_warmup_raises_and_after_warmup_runs(monkeypatch, device)
         decode(5, capturing=True)  # 10 rows: bucket 16, which a warm-up to 4 tokens did not reach
 
 
+@pytest.mark.interpreter
+def test_warmup_covers_a_static_cache_decode_step(monkeypatch, device):
+    """Faked capture of a decode step that writes k and v into a StaticCache and attends over generate's padding
+    mask: keys no uncached forward reaches (the QKV kernel's cache mode, the decode kernel with a key mask), which the
+    prefill does not reach either (more queries than a decode step takes)."""
+    model = dbrx_fast.patch(tiny_model(tiny_config(**CONFIG)).to(device), backend="triton")
+    capture = {"on": False}
+    monkeypatch.setattr(backend, "capturing", lambda device: capture["on"])
+    monkeypatch.setattr(backend, "_ran_keys", set())
+    batch, prompt_len = 3, 12
+    prompt = torch.randint(0, 97, (batch, prompt_len), device=device)
+    ids = torch.randint(0, 97, (batch, 1), device=device)
+    caches = [StaticCache(config=model.config, max_cache_len=prompt_len + 1) for _ in range(3)]
+
+    def step(cache, ids, start, capturing):
+        end = start + ids.shape[1]
+        capture["on"] = capturing
+        try:
+            return model(
+                input_ids=ids,
+                attention_mask=torch.ones((batch, end), dtype=torch.long, device=device),
+                position_ids=torch.arange(start, end, device=device).expand(batch, -1),
+                use_cache=True,
+                **{CACHE: cache},
+            ).logits
+        finally:
+            capture["on"] = False
+
+    with torch.no_grad():
+        for cache in caches:
+            step(cache, prompt, 0, capturing=False)
+        with pytest.raises(RuntimeError, match=r"qkv_rope .*dbrx_fast\.warmup"):
+            step(caches[1], ids, prompt_len, capturing=True)
+        dbrx_fast.warmup(model, max_tokens=batch)
+        captured = step(caches[2], ids, prompt_len, capturing=True)
+        assert torch.equal(captured, step(caches[0], ids, prompt_len, capturing=False))
+
+
 def test_an_autotuner_refuses_to_benchmark_inside_a_capture(monkeypatch):
     """The guard on the tuners' own keys (kernels/autotune.py): Triton times a new key's configs through
     Autotuner._bench, which every autotuner of ours refuses while the current CUDA stream is being captured."""
